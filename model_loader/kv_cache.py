@@ -112,7 +112,7 @@ class KVCache:
         """Fix where this scale's tokens go; every block then calls ``write_read`` once."""
         if layout.n_rows != self.n_rows:
             raise ValueError(f"layout has {layout.n_rows} rows, cache has {self.n_rows}")
-        new_lens = [a + b for a, b in zip(self._lens, layout.lens)]
+        new_lens = [a + b for a, b in zip(self._lens, layout.lens, strict=True)]
         if max(new_lens) > self.capacity:
             raise ValueError(f"KV cache capacity {self.capacity} exceeded ({max(new_lens)})")
         self._layout = layout

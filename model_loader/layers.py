@@ -192,6 +192,13 @@ class SelfAttnContext:
         self.layout, self.rope, self.cache, self.mask = layout, rope, cache, mask
 
 
+class LayerNormFP32(nn.LayerNorm):
+    """Affine LayerNorm computed in float32 (what CUDA autocast does with bf16 block weights)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(), self.eps)
+
+
 class CrossAttnBlock(nn.Module):
     def __init__(self, dim: int, num_heads: int, ffn_hidden: int, eps: float) -> None:
         super().__init__()
@@ -200,7 +207,7 @@ class CrossAttnBlock(nn.Module):
         self.sa = SelfAttention(dim, num_heads)
         self.ca = CrossAttention(dim, dim, num_heads)
         self.ffn = FFN(dim, ffn_hidden)
-        self.ca_norm = nn.LayerNorm(dim, eps=eps)
+        self.ca_norm = LayerNormFP32(dim, eps=eps)
 
     def forward(self, x: torch.Tensor, gss: torch.Tensor, sa_ctx: SelfAttnContext, layer: int,
                 text_kv: tuple, text_mask) -> torch.Tensor:

@@ -36,7 +36,9 @@ class Normalize(nn.Module):
         self.norm = nn.GroupNorm(groups, channels, eps=1e-6, affine=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(x)
+        # float32 as under CUDA autocast (group_norm is an fp32 op there); CPU autocast would not cast
+        n = self.norm
+        return F.group_norm(x.float(), n.num_groups, n.weight.float(), n.bias.float(), n.eps)
 
 
 def swish(x: torch.Tensor) -> torch.Tensor:
