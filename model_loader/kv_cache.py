@@ -94,8 +94,9 @@ class KVCache:
     def __init__(self, *, depth: int, n_rows: int, num_heads: int, head_dim: int, capacity: int,
                  dtype: torch.dtype, device: torch.device) -> None:
         shape = (n_rows, num_heads, capacity, head_dim)
-        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(depth)]
-        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(depth)]
+        # zeros, not empty: masked slots still enter q.k, and a NaN bit pattern would survive the mask
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(depth)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(depth)]
         self.n_rows = n_rows
         self.capacity = capacity
         self.lens_N = torch.zeros(n_rows, dtype=torch.long, device=device)

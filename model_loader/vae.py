@@ -184,8 +184,13 @@ class BSQVAE(nn.Module):
         return self.cfg.codebook_bits
 
     def decode(self, codes_BDhw: torch.Tensor) -> torch.Tensor:
-        """Summed codes -> image in [-1, 1], (B, 3, H, W)."""
-        return self.decoder(codes_BDhw).clamp(-1, 1)
+        """Summed codes -> image in [-1, 1], (B, 3, H, W).
+
+        Images are decoded one at a time so an image never depends on what it was batched
+        with (convolution kernels may sum in a batch-dependent order); a 1024-px decode alone
+        is large enough to fill a GPU.
+        """
+        return torch.cat([self.decoder(codes_BDhw[i:i + 1]) for i in range(codes_BDhw.shape[0])]).clamp(-1, 1)
 
     def encode(self, img_B3HW: torch.Tensor) -> torch.Tensor:
         """Image in [-1, 1] -> continuous latent (B, D, h, w) float32."""

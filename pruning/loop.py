@@ -1,0 +1,228 @@
+"""The generation loop with per-sample pruning policies, batched.
+
+Generalises model_loader.generate (the unpruned baseline; ``NoPruning`` reproduces it bit for
+bit). Per scale: every sample's policy plans which tokens to compute and whether its
+unconditional row still runs; stopped rows leave the batch (KV cache and text state are
+compacted once); rows with equal token counts run as a rectangle (N, K, C), unequal ones
+packed (1, T, C) so linear layers see no padding; only computed tokens enter the KV cache,
+at their true RoPE positions; sampled bits of kept tokens are scattered over the fill (the
+previous residual, nearest-upsampled) and accumulated as in the baseline.
+
+Shape letters: B samples, N rows, L tokens of the scale, K kept tokens, d bits per token,
+D VAE code bits, h/w grids.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from model_loader.generate import build_text_rows, guide, new_kv_cache, next_scale_input
+from model_loader.kv_cache import ScaleLayout
+from model_loader.layers import rope_tables
+from model_loader.model import InfinityModel
+from model_loader.sampling import SamplingParams, guidance_weights, make_generators, sample_bits_
+from model_loader.schedules import rope_positions, scale_offsets
+from model_loader.text_cond import TextCond
+from model_loader.transformer import head_cond
+from model_loader.vae import bits_to_codes, image_to_uint8, resize_codes, tokens_to_vae_bits, vae_bits_to_tokens
+
+from .policy import PruningPolicy, ScaleContext, ScaleObservation, ScalePlan
+from .stats import SampleStats, ScaleStats, scale_flops
+
+
+@dataclass
+class LoopOutput:
+    images_BHW3: torch.Tensor
+    stats: list[SampleStats]
+    summed_codes_BDhw: torch.Tensor
+    bits_per_scale: list[torch.Tensor] = field(default_factory=list)
+    """Per scale (B, L, d) uint8: sampled bits where computed, fill bits elsewhere."""
+
+
+@dataclass
+class _Rows:
+    """Which sample each row carries: B conditional rows, then the uncond rows still running."""
+
+    batch: int
+    uncond_of: list[int]
+
+    @property
+    def src(self) -> list[int]:
+        return list(range(self.batch)) + self.uncond_of
+
+    def uncond_row(self, b: int) -> int | None:
+        return self.batch + self.uncond_of.index(b) if b in self.uncond_of else None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _embed_rows(model: InfinityModel, feats_BLd: torch.Tensor, rows: _Rows, keep: list[torch.Tensor | None],
+                rope_2LD: torch.Tensor) -> tuple[torch.Tensor, ScaleLayout, torch.Tensor]:
+    """Embedded inputs and RoPE of the kept tokens of every row, rectangular or packed."""
+    b, length, _ = feats_BLd.shape
+    dev = feats_BLd.device
+    idx = [keep[s] if keep[s] is not None else torch.arange(length, device=dev) for s in rows.src]
+    layout = ScaleLayout.from_lens([int(i.numel()) for i in idx], dev)
+    if layout.total == 0:
+        return feats_BLd[:0], layout, rope_2LD
+    if all(keep[s] is None for s in rows.src):  # every token of every row: exactly the baseline's ops
+        return model.transformer.embed_tokens(feats_BLd)[rows.src], layout, rope_2LD
+    flat = torch.cat([s * length + i.to(dev) for s, i in zip(rows.src, idx, strict=True)])
+    x = feats_BLd.reshape(b * length, -1)[flat]
+    x = x.view(layout.n_rows, layout.max_len, -1) if layout.dense else x.unsqueeze(0)
+    pad_idx = torch.zeros(layout.n_rows, layout.max_len, dtype=torch.long, device=dev)
+    for r, i in enumerate(idx):
+        pad_idx[r, : i.numel()] = i.to(dev)
+    rope = rope_2LD[:, pad_idx].unsqueeze(2)  # (2, N, 1, Lmax, Dh/2)
+    return model.transformer.embed_tokens(x), layout, rope
+
+
+def _fill_bits(prev_bits_hwD: torch.Tensor | None, grid_vae: tuple[int, int], bits: int,
+               device: torch.device) -> torch.Tensor:
+    """The previous residual's bits nearest-upsampled to this scale's VAE grid (h', w', D)."""
+    if prev_bits_hwD is None:
+        return torch.zeros(*grid_vae, bits, dtype=torch.uint8, device=device)
+    up = F.interpolate(prev_bits_hwD.permute(2, 0, 1)[None].float(), size=grid_vae, mode="nearest")
+    return up[0].permute(1, 2, 0).to(torch.uint8)
+
+
+@torch.inference_mode()
+def generate(model: InfinityModel, text: TextCond, grids: tuple[tuple[int, int], ...],
+             params: list[SamplingParams], policies: list[PruningPolicy], *,
+             negative: TextCond | None = None) -> LoopOutput:
+    """Generate B images at one schedule; sample b uses ``params[b]`` and ``policies[b]``."""
+    tf, preset, dev = model.transformer, model.preset, model.device
+    b, patchify, vs, nbits = text.batch_size, preset.spatial_patchify, preset.vae_scale, preset.vae.codebook_bits
+    if not len(params) == len(policies) == b:
+        raise ValueError(f"{b} prompts need as many sampling params and policies")
+    final_grid = (grids[-1][0] * vs, grids[-1][1] * vs)
+    offsets = scale_offsets(grids)
+    rope_all = rope_tables(tf.cfg.head_dim, rope_positions(tuple(grids)).to(dev))
+    weights, gens = guidance_weights(params, dev), make_generators(params, dev)
+    for p in policies:
+        p.reset(tuple(grids))
+    stats = [SampleStats(cfg_enabled=p.uses_uncond) for p in params]
+    out_bits: list[torch.Tensor] = []
+    with model.autocast():
+        # 1. text state for all rows; caches sized for the full schedule
+        rows_text, uncond_of = build_text_rows(model, text.to(dev), params, negative)
+        state = tf.prepare_text(rows_text)
+        text_len = rows_text.lens_B.tolist()
+        rows = _Rows(b, uncond_of)
+        cache = new_kv_cache(tf, len(rows.src), offsets[-1], model.compute_dtype)
+        keys_done = [0] * b  # tokens each sample has in its cache rows
+        summed = torch.zeros(b, nbits, *final_grid, device=dev)
+        history: list[list[torch.Tensor]] = [[] for _ in range(b)]  # residual code maps per scale
+        hist_bits: list[torch.Tensor | None] = [None] * b
+        feats = None
+        for si, grid in enumerate(grids):
+            t0 = time.perf_counter()
+            # 2. plans; stopped uncond rows leave the batch
+            ctxs = [ScaleContext(si, tuple(grids), history[s][-1] if history[s] else None,
+                                 None if feats is None else feats[s]) for s in range(b)]
+            plans = [pol.plan(c) for pol, c in zip(policies, ctxs, strict=True)]
+            still = [s for s in rows.uncond_of if plans[s].run_uncond]
+            if still != rows.uncond_of:
+                keep_rows = list(range(b)) + [rows.uncond_row(s) for s in still]
+                cache.select_rows(keep_rows)
+                state = state.select_rows(keep_rows)
+                text_len = [text_len[r] for r in keep_rows]
+                for s in set(rows.uncond_of) - set(still):
+                    stats[s].uncond_stop_scale = si
+                rows = _Rows(b, still)
+            keep = [p.keep_idx_K for p in plans]
+            # 3. transformer on the kept tokens of every running row
+            logits_NLV = _forward(model, state, rows, keep, feats, si, rope_all[:, offsets[si]:offsets[si + 1]], cache)
+            # 4. per sample: guidance, observation, sampling, scatter over the fill
+            codes, bits_all = _sample_scale(model, si, grid, rows, plans, logits_NLV, weights, gens, params,
+                                            policies, ctxs, history, hist_bits)
+            out_bits.append(bits_all.cpu())
+            _sync(dev)
+            wall = time.perf_counter() - t0
+            for s in range(b):
+                k = grid[0] * grid[1] if keep[s] is None else int(keep[s].numel())
+                ran = rows.uncond_row(s) is not None
+                keys_done[s] += k
+                full = scale_flops(tf.cfg, grid[0] * grid[1], offsets[si + 1], text_len[s]) * (2 if params[s].uses_uncond else 1)
+                run = scale_flops(tf.cfg, k, keys_done[s], text_len[s]) * (2 if ran else 1)
+                stats[s].scales.append(ScaleStats(si, grid, grid[0] * grid[1], k, ran, full, run, wall))
+            # 5. accumulate and build the next scale's input
+            if si == len(grids) - 1:
+                summed += codes
+                break
+            summed += resize_codes(codes, final_grid)
+            feats = next_scale_input(summed, grids[si + 1], vs, patchify)
+        img = model.vae.decode(summed)
+        images = image_to_uint8(img).cpu()
+    return LoopOutput(images, stats, summed.float().cpu(), out_bits)
+
+
+def _forward(model: InfinityModel, state, rows: _Rows, keep, feats_BLd, si: int, rope_2LD, cache) -> torch.Tensor | None:
+    """Logits (after the head) of the kept tokens, padded view (N, Lmax, V); None if nothing runs."""
+    tf = model.transformer
+    if si == 0:
+        x, layout, rope = tf.start_tokens(state.sos_ND), ScaleLayout.dense_layout(len(rows.src), 1), rope_2LD
+    else:
+        x, layout, rope = _embed_rows(model, feats_BLd, rows, keep, rope_2LD)
+        if layout.total == 0:
+            return None
+    hidden = tf.forward_scale(x, si, state, layout, rope, cache)
+    return layout.to_padded(tf.logits(hidden, head_cond(layout, state.sos_ND)))
+
+
+def _sample_scale(model, si, grid, rows: _Rows, plans: list[ScalePlan], logits_NLV, weights, gens, params,
+                  policies, ctxs, history, hist_bits):
+    """Guidance, policy observation, sampling and fill for every sample of one scale.
+
+    Returns the residual code map (B, D, h', w') and the token-layout bits (B, L, d).
+    """
+    preset, dev = model.preset, model.device
+    b, length = rows.batch, grid[0] * grid[1]
+    vs, nbits = preset.vae_scale, preset.vae.codebook_bits
+    grid_vae = (grid[0] * vs, grid[1] * vs)
+    codes_out, bits_out = [], []
+    inv_tau, w_c, w_u = weights
+    for s in range(b):
+        plan = plans[s]
+        k = length if plan.keep_idx_K is None else int(plan.keep_idx_K.numel())
+        u = rows.uncond_row(s)
+        if k:
+            cond = logits_NLV[s, :k].float() * inv_tau[s]
+            unc = logits_NLV[u, :k].float() * inv_tau[s] if u is not None else None
+            guided = cond if unc is None else w_c[s] * cond + w_u[s] * unc
+            policies[s].observe(ctxs[s], ScaleObservation(cond, unc))
+            kept_bits = sample_bits_(guided.view(k, -1, 2), params[s].top_k, params[s].top_p, gens[s])
+        if plan.keep_idx_K is None:
+            tok_bits = kept_bits.to(torch.uint8)
+            vae_bits = tokens_to_vae_bits(tok_bits[None], grid, preset.spatial_patchify)[0]
+            codes = bits_to_codes(vae_bits[None])[0]
+        else:
+            src = hist_bits[s] if plan.fill_from_scale is None else history_bits(history[s], plan.fill_from_scale)
+            fill = _fill_bits(src, grid_vae, nbits, dev)
+            tok_bits = vae_bits_to_tokens(fill[None], preset.spatial_patchify)[0].clone()
+            if k:
+                tok_bits[plan.keep_idx_K.to(dev)] = kept_bits.to(torch.uint8)
+            vae_bits = tokens_to_vae_bits(tok_bits[None], grid, preset.spatial_patchify)[0]
+            codes = bits_to_codes(vae_bits[None])[0]
+            if plan.zero_fill:
+                mask = torch.zeros(length, dtype=torch.bool, device=dev)
+                mask[plan.keep_idx_K.to(dev)] = True
+                m = tokens_to_vae_bits(mask[None, :, None].expand(1, length, vs * vs), grid, preset.spatial_patchify)
+                codes = codes * m[0, ..., 0].to(codes.dtype)
+        history[s].append(codes)
+        hist_bits[s] = vae_bits
+        codes_out.append(codes)
+        bits_out.append(tok_bits)
+    return torch.stack(codes_out), torch.stack(bits_out)
+
+
+def history_bits(history: list[torch.Tensor], scale: int) -> torch.Tensor:
+    """Bits (h', w', D) of the residual code map sampled at ``scale`` (codes are +-1/sqrt(D))."""
+    return (history[scale] > 0).permute(1, 2, 0).to(torch.uint8)
