@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from model_loader.generate import build_text_rows, guide, new_kv_cache, next_scale_input
+from model_loader.generate import build_text_rows, new_kv_cache, next_scale_input
 from model_loader.kv_cache import ScaleLayout
 from model_loader.layers import rope_tables
 from model_loader.model import InfinityModel
