@@ -145,14 +145,8 @@ def generate(model: InfinityModel, text: TextCond, grids: tuple[tuple[int, int],
                                             policies, ctxs, history, hist_bits)
             out_bits.append(bits_all.cpu())
             _sync(dev)
-            wall = time.perf_counter() - t0
-            for s in range(b):
-                k = grid[0] * grid[1] if keep[s] is None else int(keep[s].numel())
-                ran = rows.uncond_row(s) is not None
-                keys_done[s] += k
-                full = scale_flops(tf.cfg, grid[0] * grid[1], offsets[si + 1], text_len[s]) * (2 if params[s].uses_uncond else 1)
-                run = scale_flops(tf.cfg, k, keys_done[s], text_len[s]) * (2 if ran else 1)
-                stats[s].scales.append(ScaleStats(si, grid, grid[0] * grid[1], k, ran, full, run, wall))
+            _record(stats, tf.cfg, si, grid, keep, rows, params, keys_done, offsets[si + 1], text_len,
+                    time.perf_counter() - t0)
             # 5. accumulate and build the next scale's input
             if si == len(grids) - 1:
                 summed += codes
@@ -164,7 +158,22 @@ def generate(model: InfinityModel, text: TextCond, grids: tuple[tuple[int, int],
     return LoopOutput(images, stats, summed.float().cpu(), out_bits)
 
 
-def _forward(model: InfinityModel, state, rows: _Rows, keep, feats_BLd, si: int, rope_2LD, cache) -> torch.Tensor | None:
+def _record(stats: list[SampleStats], cfg, si: int, grid: tuple[int, int], keep, rows: _Rows,
+            params: list[SamplingParams], keys_done: list[int], keys_full: int, text_len: list[int],
+            wall: float) -> None:
+    """Append this scale's ScaleStats to every sample (FLOPs with the real KV lengths)."""
+    length = grid[0] * grid[1]
+    for s, st in enumerate(stats):
+        k = length if keep[s] is None else int(keep[s].numel())
+        ran = rows.uncond_row(s) is not None
+        keys_done[s] += k
+        full = scale_flops(cfg, length, keys_full, text_len[s]) * (2 if params[s].uses_uncond else 1)
+        run = scale_flops(cfg, k, keys_done[s], text_len[s]) * (2 if ran else 1)
+        st.scales.append(ScaleStats(si, grid, length, k, ran, full, run, wall))
+
+
+def _forward(model: InfinityModel, state, rows: _Rows, keep, feats_BLd, si: int, rope_2LD,
+             cache) -> torch.Tensor | None:
     """Logits (after the head) of the kept tokens, padded view (N, Lmax, V); None if nothing runs."""
     tf = model.transformer
     if si == 0:
