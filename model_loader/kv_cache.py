@@ -27,11 +27,16 @@ class ScaleLayout:
     lens: list[int]
     """Tokens per row."""
     dense: bool
-    """All rows compute the same tokens count (x is (N, L, C)); else x is packed (1, T, C)."""
+    """x is a rectangle (N, Lmax, C) (equal row lengths, or padded); else packed (1, T, C)."""
     row_T: torch.Tensor | None = None
     """Packed only: row of each packed token."""
     col_T: torch.Tensor | None = None
     """Packed only: index of each packed token within its row."""
+
+    @property
+    def uniform(self) -> bool:
+        """Every row has the same token count (a padded rectangle is dense but not uniform)."""
+        return len(set(self.lens)) <= 1
 
     @property
     def max_len(self) -> int:
@@ -119,7 +124,7 @@ class KVCache:
         self._layout = layout
         self._slot_T = None
         self._mask = None
-        if not (layout.dense and self.uniform):
+        if not (layout.uniform and self.uniform):
             # rows end at different lengths: scatter each token to its row's next free slot
             device = self.lens_N.device
             if layout.dense:

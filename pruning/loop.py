@@ -64,18 +64,24 @@ def _sync(device: torch.device) -> None:
 
 
 def _embed_rows(model: InfinityModel, feats_BLd: torch.Tensor, rows: _Rows, keep: list[torch.Tensor | None],
-                rope_2LD: torch.Tensor) -> tuple[torch.Tensor, ScaleLayout, torch.Tensor]:
-    """Embedded inputs and RoPE of the kept tokens of every row, rectangular or packed."""
+                rope_2LD: torch.Tensor, padded: bool) -> tuple[torch.Tensor, ScaleLayout, torch.Tensor]:
+    """Embedded inputs and RoPE of the kept tokens of every row: a rectangle (N, Lmax, C) when
+    row lengths are equal (or ``padded``: shorter rows padded, pad tokens computed and masked
+    out of the cache), else packed (1, T, C)."""
     b, length, _ = feats_BLd.shape
     dev = feats_BLd.device
     idx = [keep[s] if keep[s] is not None else torch.arange(length, device=dev) for s in rows.src]
-    layout = ScaleLayout.from_lens([int(i.numel()) for i in idx], dev)
+    lens = [int(i.numel()) for i in idx]
+    layout = ScaleLayout.from_lens(lens, dev)
+    if padded and not layout.dense:
+        layout = ScaleLayout(n_rows=len(lens), lens=lens, dense=True)
+        idx = [torch.cat([i.to(dev), i.new_zeros(layout.max_len - i.numel()).to(dev)]) for i in idx]
     if layout.total == 0:
         return feats_BLd[:0], layout, rope_2LD
     if all(keep[s] is None for s in rows.src):  # every token of every row: exactly the baseline's ops
         return model.transformer.embed_tokens(feats_BLd)[rows.src], layout, rope_2LD
     flat = torch.cat([s * length + i.to(dev) for s, i in zip(rows.src, idx, strict=True)])
-    x = feats_BLd.reshape(b * length, -1)[flat]
+    x = feats_BLd.reshape(b * length, -1)[flat]  # padded rows repeat token 0: computed, never stored
     x = x.view(layout.n_rows, layout.max_len, -1) if layout.dense else x.unsqueeze(0)
     pad_idx = torch.zeros(layout.n_rows, layout.max_len, dtype=torch.long, device=dev)
     for r, i in enumerate(idx):
@@ -96,8 +102,12 @@ def _fill_bits(prev_bits_hwD: torch.Tensor | None, grid_vae: tuple[int, int], bi
 @torch.inference_mode()
 def generate(model: InfinityModel, text: TextCond, grids: tuple[tuple[int, int], ...],
              params: list[SamplingParams], policies: list[PruningPolicy], *,
-             negative: TextCond | None = None) -> LoopOutput:
-    """Generate B images at one schedule; sample b uses ``params[b]`` and ``policies[b]``."""
+             negative: TextCond | None = None, padded: bool = False) -> LoopOutput:
+    """Generate B images at one schedule; sample b uses ``params[b]`` and ``policies[b]``.
+
+    ``padded`` runs rows of unequal token counts as a padded rectangle instead of packed
+    (for measuring the two; packed is the default because linear layers then skip the padding).
+    """
     tf, preset, dev = model.transformer, model.preset, model.device
     b, patchify, vs, nbits = text.batch_size, preset.spatial_patchify, preset.vae_scale, preset.vae.codebook_bits
     if not len(params) == len(policies) == b:
@@ -139,7 +149,8 @@ def generate(model: InfinityModel, text: TextCond, grids: tuple[tuple[int, int],
                 rows = _Rows(b, still)
             keep = [p.keep_idx_K for p in plans]
             # 3. transformer on the kept tokens of every running row
-            logits_NLV = _forward(model, state, rows, keep, feats, si, rope_all[:, offsets[si]:offsets[si + 1]], cache)
+            logits_NLV = _forward(model, state, rows, keep, feats, si, rope_all[:, offsets[si]:offsets[si + 1]],
+                                  cache, padded)
             # 4. per sample: guidance, observation, sampling, scatter over the fill
             codes, bits_all = _sample_scale(model, si, grid, rows, plans, logits_NLV, weights, gens, params,
                                             policies, ctxs, history, hist_bits)
@@ -173,13 +184,13 @@ def _record(stats: list[SampleStats], cfg, si: int, grid: tuple[int, int], keep,
 
 
 def _forward(model: InfinityModel, state, rows: _Rows, keep, feats_BLd, si: int, rope_2LD,
-             cache) -> torch.Tensor | None:
+             cache, padded: bool = False) -> torch.Tensor | None:
     """Logits (after the head) of the kept tokens, padded view (N, Lmax, V); None if nothing runs."""
     tf = model.transformer
     if si == 0:
         x, layout, rope = tf.start_tokens(state.sos_ND), ScaleLayout.dense_layout(len(rows.src), 1), rope_2LD
     else:
-        x, layout, rope = _embed_rows(model, feats_BLd, rows, keep, rope_2LD)
+        x, layout, rope = _embed_rows(model, feats_BLd, rows, keep, rope_2LD, padded)
         if layout.total == 0:
             return None
     hidden = tf.forward_scale(x, si, state, layout, rope, cache)

@@ -220,3 +220,14 @@ def test_presets_and_scale_sets():
     assert bal.lhep_set(13) == {10, 11, 12} and bal.sats_set(13) == {9, 10, 11, 12}
     assert bal.lhep_set(10) == {7, 8, 9} and bal.sats_set(10) == {6, 7, 8, 9}
     assert not pruning_config("off").enabled
+
+
+def test_padded_layout_equals_packed(model):
+    configs = [PruningConfig(energy_keep_ratio=0.3, sats=False), PruningConfig(energy_keep_ratio=0.9, sats=False)]
+    text = _text(2, seed=6)
+    packed = generate(model, text, GRIDS, PARAMS[:2], [LDPruning(c) for c in configs])
+    padded = generate(model, text, GRIDS, PARAMS[:2], [LDPruning(c) for c in configs], padded=True)
+    assert [s.tokens_computed for s in packed.stats] == [s.tokens_computed for s in padded.stats]
+    assert len({s.tokens_computed for s in packed.stats}) == 2
+    for a, b in zip(packed.bits_per_scale, padded.bits_per_scale, strict=True):
+        assert torch.equal(a, b)
