@@ -1,0 +1,135 @@
+"""GPU latency of the unpruned loop vs LD-Pruning on Infinity-2B/8B-shaped random bf16 weights.
+
+    python benchmarks/gpu_bench.py [--models 2b,8b] [--repeats 5] [--json]   # on a CUDA machine
+    python benchmarks/gpu_bench.py --smoke                                    # tiny model on CPU
+
+At 1024x1024 (13 scales): unpruned, and LD-Pruning with a forced keep fraction of 0.35 on
+the last three scales plus the unconditional branch stopped from scale 10. Weights are
+random (built directly on the device: blocks bf16, the rest fp32, the official policy) and
+the text is random features of 64 tokens, so only speed is meaningful. Timed with CUDA
+events around the whole generation (text state, 13 scales, VAE decode), after one warm-up,
+median of ``--repeats``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from model_loader.configs import get_preset  # noqa: E402
+from model_loader.model import InfinityModel  # noqa: E402
+from model_loader.random_init import _std_for  # noqa: E402
+from model_loader.sampling import SamplingParams  # noqa: E402
+from model_loader.schedules import scale_schedule  # noqa: E402
+from model_loader.text_cond import TextCond  # noqa: E402
+from model_loader.transformer import build_transformer  # noqa: E402
+from model_loader.vae import build_vae  # noqa: E402
+from pruning.config import PruningConfig  # noqa: E402
+from pruning.loop import generate  # noqa: E402
+from pruning.policy import LDPruning, NoPruning  # noqa: E402
+
+MODELS = {"2b": "infinity-2b", "8b": "infinity-8b", "smoke": "tiny-2b"}
+
+
+@torch.no_grad()
+def random_model_on(preset_name: str, device: torch.device, bf16_blocks: bool) -> InfinityModel:
+    """Random weights allocated on ``device`` directly (an 8B fp32 copy on the host would be 33 GB)."""
+    preset = get_preset(preset_name)
+    gen = torch.Generator(device=device).manual_seed(0)
+    modules = []
+    for module in (build_transformer(preset.transformer, "meta"), build_vae(preset.vae, "meta")):
+        module = module.to_empty(device=device)
+        for name, p in module.named_parameters():
+            mean, std = _std_for(name, p)
+            dtype = torch.bfloat16 if (bf16_blocks and name.startswith("block_chunks.")) else torch.float32
+            p.data = (torch.randn(p.shape, generator=gen, device=device) * std + mean).to(dtype)
+        for buf in module.buffers():
+            buf.copy_(torch.zeros_like(buf) if buf.is_floating_point() else
+                      2 ** torch.arange(buf.numel() - 1, -1, -1, device=device))
+        modules.append(module.eval().requires_grad_(False))
+    return InfinityModel(preset, modules[0], modules[1], None,
+                         torch.bfloat16 if bf16_blocks else torch.float32)
+
+
+def timed(fn, device: torch.device) -> float:
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize(device)
+        return start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def bench_model(key: str, device: torch.device, repeats: int, smoke: bool) -> list[dict]:
+    model = random_model_on(MODELS[key], device, bf16_blocks=device.type == "cuda")
+    grids = scale_schedule(1.0, "0.06M" if smoke else "1M")
+    n = len(grids)
+    g = torch.Generator().manual_seed(1)
+    text = TextCond(torch.randn(1, 64, model.preset.transformer.text_channels, generator=g) * 0.2,
+                    torch.tensor([64])).to(device)
+    params = [SamplingParams(cfg=3.0, tau=0.5, seed=0)]
+    pruned_cfg = PruningConfig(force_keep_fraction=0.35, sats=False, force_stop_scale=n - 3)
+    policies = {"unpruned": NoPruning, f"ld-forced-0.35+stop@{n - 3}": lambda: LDPruning(pruned_cfg)}
+    times: dict[str, list[float]] = {k: [] for k in policies}
+    ideal: dict[str, float] = {}
+
+    def run(name):
+        out = generate(model, text, grids, params, [policies[name]()])
+        ideal[name] = out.stats[0].ideal_speedup
+
+    for name in policies:  # warm-up
+        run(name)
+    for _ in range(repeats):  # interleaved
+        for name in policies:
+            times[name].append(timed(lambda name=name: run(name), device))
+    base = statistics.median(times["unpruned"])
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    rows = []
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        rows.append({"card": card, "model": MODELS[key], "policy": name, "latency_s": round(med, 4),
+                     "speedup": round(base / med, 3), "ideal_speedup": round(ideal[name], 3),
+                     "repeats": repeats, "peak_mem_gb": round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+                     if device.type == "cuda" else None})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="2b,8b")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--smoke", action="store_true", help="tiny model, 256 px, on CPU")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
+    keys = ["smoke"] if args.smoke else args.models.split(",")
+    rows = []
+    for k in keys:
+        rows += bench_model(k, device, args.repeats, args.smoke)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+    for r in rows:
+        if args.json:
+            print(json.dumps(r))
+        else:
+            print(f"{r['card']:<28} {r['model']:<12} {r['policy']:<24} {r['latency_s']:>8.3f} s "
+                  f"speedup {r['speedup']:>6.3f}  ideal {r['ideal_speedup']:>6.3f}")
+    return 0 if all(math.isfinite(r["latency_s"]) for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

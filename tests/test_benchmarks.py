@@ -1,0 +1,32 @@
+"""The benchmark entry points run end to end on tiny models (speed targets live in the benchmarks)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _json_lines(args: list[str]) -> list[dict]:
+    out = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600, check=True)
+    return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+
+
+def test_pruning_bench_smoke_json():
+    rows = _json_lines(["-m", "pruning.bench", "--smoke", "--repeats", "1", "--sweep", "0.5", "--json"])
+    by_policy = {r["policy"]: r for r in rows}
+    assert {"unpruned", "ld-pruning", "lhep-only", "sats-only", "fastvar-style", "skipvar-style",
+            "forced-0.5", "batch4-heterogeneous"} <= set(by_policy)
+    for r in rows:
+        if "speedup" in r:
+            assert {"policy", "speedup", "ideal_speedup", "efficiency", "kept_fraction_per_scale"} <= set(r)
+            assert r["ideal_speedup"] >= 1.0 and r["speedup"] > 0
+    assert by_policy["unpruned"]["ideal_speedup"] == 1.0
+    assert by_policy["forced-0.5"]["kept_fraction_per_scale"][-3:] == [0.5, 0.5, 0.5]
+
+
+def test_gpu_bench_smoke_runs_on_cpu():
+    rows = _json_lines(["benchmarks/gpu_bench.py", "--smoke", "--repeats", "1", "--json"])
+    assert [r["policy"] for r in rows][0] == "unpruned" and len(rows) == 2
+    assert rows[1]["ideal_speedup"] > 1.5
