@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from .checkpoint import load_transformer, load_vae
 from .configs import ModelPreset, SamplingDefaults, TransformerConfig, VAEConfig
 from .generate import build_text_rows, generate
 from .layers import rope_tables
@@ -25,8 +26,7 @@ from .model import InfinityModel
 from .sampling import SamplingParams
 from .schedules import rope_positions
 from .text_cond import TextCond
-from .transformer import build_transformer
-from .vae import bits_to_codes, build_vae, resize_codes
+from .vae import bits_to_codes, resize_codes
 
 LOGIT_ATOL = 2e-2
 MARGIN = 2e-2
@@ -51,15 +51,11 @@ def preset_from_config(cfg: dict) -> ModelPreset:
 def load_reference_model(ref_dir: Path, device: str, precision: str) -> tuple[InfinityModel, dict]:
     cfg = json.loads((ref_dir / "config.json").read_text())
     preset = preset_from_config(cfg)
-    tf, vae = build_transformer(preset.transformer), build_vae(preset.vae)
-    for module, name in ((tf, "transformer"), (vae, "vae")):
-        sd = load_file(str(ref_dir / f"{name}.safetensors"))
-        sd = {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()}
-        if precision == "bfloat16" and module is tf:
-            sd = {k: (v.bfloat16() if k.startswith("block_chunks.") and v.is_floating_point() else v)
-                  for k, v in sd.items()}
-        module.load_state_dict(sd, strict=True, assign=True)
-    model = InfinityModel(preset, tf.to(device).eval(), vae.to(device).eval(),
+    # the strict loader, as for real checkpoints; bfloat16 = the official policy (bf16 blocks)
+    policy = "official" if precision == "bfloat16" else "float32"
+    tf = load_transformer(preset, ref_dir / "transformer.safetensors", device=device, dtype_policy=policy)
+    vae = load_vae(preset, ref_dir / "vae.safetensors", device=device, dtype_policy="float32")
+    model = InfinityModel(preset, tf, vae,
                           compute_dtype=torch.bfloat16 if precision == "bfloat16" else torch.float32)
     return model, cfg
 
