@@ -47,13 +47,19 @@ if ARGV[9] == '1' then redis.call('SET', KEYS[3], ARGV[3] .. ' ' .. ARGV[7], 'EX
 return {'ok', id, ''}
 """
 
-# KEYS: job ; ARGV: new_status, error_json, events_channel, job_id -> previous status or nil
+# KEYS: job, stream ; ARGV: new_status, error_json, events_channel, job_id -> previous status or nil
+# A queued job's stream entry is deleted at once so it stops counting against max_queue_len;
+# if a worker already read it, the worker's START sees the terminal status and acks it.
 TERMINATE = _NOW + """
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then return false end
 if st == 'queued' or st == 'processing' then
   redis.call('HSET', KEYS[1], 'status', ARGV[1], 'completed_ms', now, 'error', ARGV[2])
   redis.call('PUBLISH', ARGV[3], ARGV[4])
+end
+if st == 'queued' then
+  local eid = redis.call('HGET', KEYS[1], 'entry_id')
+  if eid then redis.call('XDEL', KEYS[2], eid) end
 end
 return st
 """

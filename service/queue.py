@@ -125,7 +125,7 @@ class JobQueue:
 
     async def terminate(self, job_id: str, status: str, error: dict[str, Any] | None = None) -> str | None:
         """Move a live job to canceled/expired; returns the previous status (None if unknown)."""
-        prev = await self._terminate(keys=[self.keys.job(job_id)],
+        prev = await self._terminate(keys=[self.keys.job(job_id), self.keys.stream],
                                      args=[status, json.dumps(error) if error else "", self.keys.events, job_id])
         return _s(prev)
 

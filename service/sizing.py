@@ -104,7 +104,7 @@ def _from_pixels(width: int, height: int, allowed: tuple[int, ...]) -> ResolvedS
     _check_ratio(height / width, "height")
     side = math.sqrt(width * height)
     resolution = min(allowed, key=lambda r: abs(math.log(side / r)))
-    if abs(math.log(side / resolution)) > math.log(1.3):
+    if abs(math.log(side / resolution)) > math.log(1.45):
         raise SizeError(f"{width}x{height} is not near a supported resolution {list(allowed)} px", "width")
     return _resolved(height / width, resolution)
 
