@@ -1,0 +1,123 @@
+"""Added latency of HTTP + Redis + batching over a direct Engine.generate call, and throughput vs concurrency.
+
+Starts an embedded redis-server and `ldserve serve` (tiny-2b, random weights) on loopback, then:
+1. direct: Engine.generate for one 256 px image in this process (N runs);
+2. service: N sequential POST /generate (same request); added latency per request =
+   end-to-end time - the server-reported inference time of its batch (so CPU noise in the
+   model itself cancels out), plus e2e p50 - direct p50;
+3. throughput: bounded rounds of concurrent clients (1, 2, 4, 8) at max_batch_size 4.
+Loopback only, bounded loops. Usage: python benchmarks/service_latency.py [--n 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from service.embedded_redis import EmbeddedRedis  # noqa: E402
+
+BODY = {"prompt": "a lighthouse at dusk", "seed": 1, "pruning": "balanced"}
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+def direct(n: int) -> list[float]:
+    from model_loader.sampling import SamplingParams
+    from pruning.config import pruning_config
+    from pruning.engine import Engine, ImageRequest, grids_for
+
+    engine = Engine.from_preset("tiny-2b")
+    engine.warmup()
+    grids = grids_for(1.0, "0.06M")
+    req = [ImageRequest(BODY["prompt"], SamplingParams(cfg=3.0, tau=0.5, seed=1), pruning_config("balanced"))]
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        engine.generate(req, grids)
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def start_server(redis_url: str, port: int) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "LDSERVE_REDIS_URL": redis_url, "LDSERVE_KEY_PREFIX": "bench", "LDSERVE_MAX_BATCH_SIZE": "4",
+           "LDSERVE_MAX_QUEUE_LEN": "256", "LDSERVE_LOG_LEVEL": "warning"}
+    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port)], cwd=ROOT, env=env)
+    for _ in range(600):
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health/ready").status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("server did not become ready")
+
+
+def one(client: httpx.Client, url: str) -> tuple[float, float]:
+    t0 = time.perf_counter()
+    r = client.post(f"{url}/generate", json=BODY, timeout=120)
+    e2e = time.perf_counter() - t0
+    r.raise_for_status()
+    return e2e, r.json()["metrics"]["inference_s"]
+
+
+def sequential(url: str, n: int) -> tuple[list[float], list[float]]:
+    with httpx.Client() as c:
+        one(c, url)  # first use of the shape
+        runs = [one(c, url) for _ in range(n)]
+    return [e for e, _ in runs], [e - i for e, i in runs]
+
+
+def throughput(url: str, clients: int, per_client: int) -> float:
+    def loop(_: int) -> None:
+        with httpx.Client() as c:
+            for _ in range(per_client):
+                one(c, url)
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(clients) as ex:
+        list(ex.map(loop, range(clients)))
+    return clients * per_client / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=30)
+    ap.add_argument("--per-client", type=int, default=4)
+    args = ap.parse_args()
+    d = direct(args.n)
+    print(f"direct Engine.generate (1 image, 256 px): p50 {pct(d, .5) * 1000:.1f} ms  p99 {pct(d, .99) * 1000:.1f} ms")
+    port = 18931
+    with EmbeddedRedis() as redis_server:
+        proc = start_server(redis_server.url, port)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            e2e, added = sequential(url, args.n)
+            print(f"service e2e (sync JSON+PNG): p50 {pct(e2e, .5) * 1000:.1f} ms  p99 {pct(e2e, .99) * 1000:.1f} ms")
+            print(f"added latency (e2e - server inference time): p50 {pct(added, .5) * 1000:.1f} ms  "
+                  f"p99 {pct(added, .99) * 1000:.1f} ms  mean {statistics.mean(added) * 1000:.1f} ms")
+            print(f"added latency (e2e p50 - direct p50): {(pct(e2e, .5) - pct(d, .5)) * 1000:.1f} ms")
+            for c in (1, 2, 4, 8):
+                print(f"throughput: {c} concurrent clients, max_batch_size 4: "
+                      f"{throughput(url, c, args.per_client):.2f} images/s")
+        finally:
+            proc.terminate()
+            proc.wait(60)
+
+
+if __name__ == "__main__":
+    main()

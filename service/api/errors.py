@@ -1,0 +1,72 @@
+"""OpenAI-style error envelope {"error": {message, type, param, code}} for every failure."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger(__name__)
+
+TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+         404: "not_found_error", 409: "conflict_error", 413: "invalid_request_error",
+         422: "invalid_request_error", 429: "rate_limit_error", 503: "server_error", 504: "timeout_error"}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None, type_: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+        self.type = type_ or TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+
+
+def envelope(status: int, message: str, *, type_: str | None = None, param: str | None = None,
+             code: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+    body = {"error": {"message": message, "type": type_ or TYPES.get(status, "server_error"),
+                      "param": param, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _loc_param(loc: tuple) -> str | None:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    # drop pydantic's union-member tags (e.g. 'PruningOptions', 'str') from the path
+    parts = [p for p in parts if not (p[:1].isupper() or p in ("str", "int", "float", "bool"))]
+    return ".".join(parts) or None
+
+
+async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = exc.errors()
+    # the deepest location is the most specific (a union reports one error per member)
+    first = max(errors, key=lambda e: len(e.get("loc", ()))) if errors else {"loc": (), "msg": "invalid request"}
+    param = _loc_param(tuple(first.get("loc", ())))
+    msg = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
+    return envelope(422, msg, param=param, code="invalid_value" if param else "invalid_json")
+
+
+async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+    return envelope(exc.status, exc.message, type_=exc.type, param=exc.param, code=exc.code, headers=exc.headers)
+
+
+async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+    return envelope(exc.status_code, str(exc.detail), code=code, headers=getattr(exc, "headers", None))
+
+
+async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error on %s", request.url.path)
+    return envelope(500, "internal server error", code="internal_error")
+
+
+def install(app: FastAPI) -> None:
+    app.add_exception_handler(RequestValidationError, _validation)  # type: ignore[arg-type]
+    app.add_exception_handler(ApiError, _api_error)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, _http)  # type: ignore[arg-type]
+    app.add_exception_handler(Exception, _unhandled)

@@ -1,0 +1,230 @@
+"""HTTP routes: generation (native + OpenAI), jobs, models, health probes and metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Header, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from ..imaging import MEDIA_TYPES, encode
+from ..queue import IdempotencyMismatch, Job, QueueFull
+from ..spec import TERMINAL, JobSpec
+from . import convert
+from .deps import MetricsDep, NotifierDep, QueueDep, SettingsDep, check_bearer, require_api_key
+from .errors import ApiError
+from .schemas import (
+    ErrorResponse,
+    GenerateRequest,
+    GenerateResponse,
+    ModelList,
+    OpenAIImageRequest,
+    OpenAIImagesResponse,
+)
+from .schemas import (
+    Job as JobModel,
+)
+
+log = logging.getLogger(__name__)
+ERRORS: dict[int | str, dict[str, Any]] = {c: {"model": ErrorResponse} for c in (400, 401, 404, 409, 413, 422, 429,
+                                                                                  500, 503, 504)}
+protected = APIRouter(dependencies=[Depends(require_api_key)], responses=ERRORS)
+public = APIRouter()
+
+PreferH = Annotated[str | None, Header(description="'respond-async' answers 202 with a job")]
+IdemH = Annotated[str | None, Header(alias="Idempotency-Key", max_length=255,
+                                     description="Retries with the same key and body return the same job")]
+CancelAfterH = Annotated[str | None, Header(alias="Cancel-After", max_length=16,
+                                            description="Deadline: '30', '30s', '2m'; expired jobs never run")]
+AcceptH = Annotated[str | None, Header(description="image/png, image/jpeg or image/webp with n=1: raw image")]
+
+
+def _duration(value: str | None) -> float | None:
+    if value is None:
+        return None
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m)?\s*", value)
+    if not m:
+        raise ApiError(400, "Cancel-After must look like '30', '30s', '500ms' or '2m'", param="Cancel-After",
+                       code="invalid_header")
+    scale = {"ms": 0.001, "s": 1.0, "m": 60.0, None: 1.0}[m.group(2)]
+    seconds = float(m.group(1)) * scale
+    if seconds <= 0 or seconds > 86_400:
+        raise ApiError(400, "Cancel-After must be in (0, 24h]", param="Cancel-After", code="invalid_header")
+    return seconds
+
+
+def _accept_image(accept: str | None) -> str | None:
+    """The image format the Accept header prefers over JSON, if any."""
+    for part in (accept or "").split(","):
+        media = part.split(";")[0].strip().lower()
+        if media in ("application/json", "*/*", "application/*"):
+            return None
+        for fmt, mt in MEDIA_TYPES.items():
+            if media == mt:
+                return fmt
+    return None
+
+
+async def _submit(spec: JobSpec, *, prefer: str | None, idem: str | None, cancel_after: str | None,
+                  settings: SettingsDep, queue: QueueDep, notifier: NotifierDep,
+                  metrics: MetricsDep) -> tuple[Job | None, str, float]:
+    is_async = "respond-async" in (prefer or "").lower()
+    deadline = _duration(cancel_after)
+    wait_s = settings.sync_timeout_s if deadline is None else min(deadline, settings.sync_timeout_s)
+    timeout = deadline if is_async else wait_s
+    try:
+        job_id, _created = await queue.enqueue(spec, timeout_s=timeout, idempotency_key=idem)
+    except QueueFull as e:
+        raise ApiError(429, f"the queue is full ({e.depth} jobs); retry later", code="queue_full",
+                       headers={"Retry-After": str(e.retry_after_s)}) from None
+    except IdempotencyMismatch as e:
+        raise ApiError(422, str(e), param="Idempotency-Key", code="idempotency_key_reused") from None
+    if is_async:
+        return await queue.get(job_id), job_id, wait_s
+    status = await notifier.wait(job_id, wait_s)
+    if status is not None and status not in TERMINAL:
+        prev = await queue.terminate(job_id, "expired", {"message": "deadline passed before the job finished",
+                                                         "type": "timeout_error", "param": None,
+                                                         "code": "deadline_exceeded"})
+        if prev in ("queued", "processing"):
+            metrics.api_jobs.labels(status="expired").inc()
+    return await queue.get(job_id), job_id, wait_s
+
+
+def _raise_for(job: Job | None, job_id: str) -> Job:
+    if job is None:
+        raise ApiError(404, f"job {job_id} no longer exists", code="job_not_found")
+    if job.status == "succeeded":
+        return job
+    err = job.error or {}
+    status = {"expired": 504, "canceled": 409}.get(job.status, 500)
+    raise ApiError(status, err.get("message") or f"job {job.status}", code=err.get("code") or job.status,
+                   type_=err.get("type"))
+
+
+def _async_response(job: Job | None, job_id: str) -> JSONResponse:
+    if job is None:
+        raise ApiError(404, f"job {job_id} no longer exists", code="job_not_found")
+    body = convert.job_body(job, convert.encoded_images(job) if job.status == "succeeded" else None)
+    return JSONResponse(body, status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
+
+
+def _count_images(metrics: MetricsDep, fmt: str, n: int) -> None:
+    metrics.images_generated.labels(output_format=fmt).inc(n)
+
+
+@protected.post("/generate", response_model=GenerateResponse, status_code=200, tags=["generate"],
+                responses={202: {"model": JobModel}, 200: {"content": {m: {} for m in MEDIA_TYPES.values()}}})
+async def generate(body: GenerateRequest, settings: SettingsDep, queue: QueueDep, notifier: NotifierDep,
+                   metrics: MetricsDep, prefer: PreferH = None, idem: IdemH = None, cancel_after: CancelAfterH = None,
+                   accept: AcceptH = None) -> Any:
+    """Generate images; synchronous by default (waits up to the server deadline)."""
+    spec = convert.spec_from_generate(body, settings)
+    raw_fmt = _accept_image(accept)
+    if raw_fmt and spec.n != 1:
+        raise ApiError(406, "a raw image response needs n=1; use Accept: application/json", param="n",
+                       code="not_acceptable")
+    job, job_id, _ = await _submit(spec, prefer=prefer, idem=idem, cancel_after=cancel_after, settings=settings,
+                                   queue=queue, notifier=notifier, metrics=metrics)
+    if "respond-async" in (prefer or "").lower():
+        return _async_response(job, job_id)
+    job = _raise_for(job, job_id)
+    if raw_fmt:
+        data = encode(job.images[0], spec.width, spec.height, raw_fmt, spec.quality)
+        _count_images(metrics, raw_fmt, 1)
+        seed = str(job.spec.seeds[0])
+        return Response(data, media_type=MEDIA_TYPES[raw_fmt], headers={"x-seed": seed, "x-job-id": job.id})
+    encoded = await asyncio.to_thread(convert.encoded_images, job)
+    _count_images(metrics, spec.output_format, len(encoded))
+    return convert.generate_body(job, encoded)
+
+
+@protected.post("/v1/images/generations", response_model=OpenAIImagesResponse, tags=["openai"],
+                responses={202: {"model": JobModel}})
+async def images_generations(body: OpenAIImageRequest, settings: SettingsDep, queue: QueueDep,
+                             notifier: NotifierDep, metrics: MetricsDep, prefer: PreferH = None, idem: IdemH = None,
+                             cancel_after: CancelAfterH = None) -> Any:
+    """OpenAI-compatible image generation (extensions: seed, negative_prompt, guidance_scale, pruning)."""
+    spec = convert.spec_from_openai(body, settings)
+    job, job_id, _ = await _submit(spec, prefer=prefer, idem=idem, cancel_after=cancel_after, settings=settings,
+                                   queue=queue, notifier=notifier, metrics=metrics)
+    if "respond-async" in (prefer or "").lower():
+        return _async_response(job, job_id)
+    job = _raise_for(job, job_id)
+    encoded = await asyncio.to_thread(convert.encoded_images, job)
+    _count_images(metrics, spec.output_format, len(encoded))
+    return convert.openai_body(job, encoded, body.quality)
+
+
+@protected.get("/v1/jobs/{job_id}", response_model=JobModel, tags=["jobs"])
+async def get_job(job_id: str, queue: QueueDep, metrics: MetricsDep) -> Any:
+    """A job's status, and its images once it succeeded."""
+    job = await queue.get(job_id) if len(job_id) <= 64 else None
+    if job is None:
+        raise ApiError(404, f"no job {job_id!r}", param="job_id", code="job_not_found")
+    encoded = None
+    if job.status == "succeeded":
+        encoded = await asyncio.to_thread(convert.encoded_images, job)
+        _count_images(metrics, job.spec.output_format, len(encoded))
+    return convert.job_body(job, encoded)
+
+
+@protected.post("/v1/jobs/{job_id}/cancel", response_model=JobModel, tags=["jobs"])
+async def cancel_job(job_id: str, queue: QueueDep, metrics: MetricsDep) -> Any:
+    """Cancel a queued or running job (a running batch finishes, its result is discarded)."""
+    error = {"message": "canceled by the client", "type": "invalid_request_error", "param": None, "code": "canceled"}
+    prev = await queue.terminate(job_id, "canceled", error) if len(job_id) <= 64 else None
+    if prev is None:
+        raise ApiError(404, f"no job {job_id!r}", param="job_id", code="job_not_found")
+    if prev in TERMINAL:
+        raise ApiError(409, f"job {job_id} is already {prev}", param="job_id", code="job_already_terminal")
+    metrics.api_jobs.labels(status="canceled").inc()
+    job = await queue.get(job_id)
+    assert job is not None
+    return convert.job_body(job, None)
+
+
+@protected.get("/v1/models", response_model=ModelList, tags=["models"])
+async def list_models(request: Request, settings: SettingsDep) -> Any:
+    """The served model (OpenAI list shape)."""
+    return {"object": "list", "data": [{"id": settings.model_preset, "object": "model",
+                                        "created": int(request.app.state.started_at), "owned_by": "ldserve"}]}
+
+
+@public.get("/health/live", tags=["health"])
+async def live() -> dict[str, str]:
+    """The process is up."""
+    return {"status": "ok"}
+
+
+@public.get("/health/ready", tags=["health"], responses={503: {"description": "not ready"}})
+async def ready(request: Request, settings: SettingsDep, queue: QueueDep) -> JSONResponse:
+    """Ready: Redis reachable, a worker warm and heartbeating, not draining."""
+    checks: dict[str, Any] = {"draining": bool(request.app.state.draining)}
+    try:
+        await asyncio.wait_for(queue.client.ping(), timeout=2)
+        workers = await queue.workers()
+        checks["redis"] = "ok"
+        checks["workers_ready"] = sum(1 for w in workers if w.get("ready") and w["age_s"] < settings.heartbeat_stale_s)
+    except Exception as e:  # noqa: BLE001 - any Redis failure means not ready
+        checks["redis"] = f"unreachable: {type(e).__name__}"
+        checks["workers_ready"] = 0
+    ok = checks["redis"] == "ok" and checks["workers_ready"] > 0 and not checks["draining"]
+    return JSONResponse({"status": "ready" if ok else "not_ready", "checks": checks}, status_code=200 if ok else 503)
+
+
+@public.get("/metrics", tags=["health"], response_class=Response)
+async def metrics_route(request: Request, settings: SettingsDep, queue: QueueDep, metrics: MetricsDep) -> Response:
+    """Prometheus metrics (bearer-protected unless protect_metrics is off)."""
+    if settings.protect_metrics:
+        check_bearer(request, settings.api_key_hashes)
+    try:
+        waiting, pending = await queue.depth()
+        metrics.set_queue_snapshot(waiting, pending, await queue.workers(), settings.heartbeat_stale_s)
+    except Exception as e:  # noqa: BLE001 - a scrape still answers when Redis is down
+        log.warning("metrics: queue snapshot failed: %s", e)
+    return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)

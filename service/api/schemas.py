@@ -1,0 +1,171 @@
+"""Request and response models of the public API (OpenAPI schema source)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..spec import OutputFormat
+
+MAX_PROMPT = 32_000  # hard schema bound; the configured max_prompt_chars is checked per request
+
+
+class PruningOptions(BaseModel):
+    """Explicit LD-Pruning settings on top of a preset (default: the server's default preset)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    preset: str | None = Field(None, description="off | quality | balanced | fast", max_length=32)
+    energy_keep_ratio: float | None = Field(None, gt=0, le=1, description="rho: high-frequency energy to keep")
+    uncond_stop_tol: float | None = Field(None, ge=0, le=10, description="delta: SATS stop tolerance")
+    lhep: bool | None = Field(None, description="Enable latent high-frequency energy pruning")
+    sats: bool | None = Field(None, description="Enable semantic-adaptive termination of the uncond branch")
+
+
+PruningField = str | PruningOptions | None
+
+
+class SamplingFields(BaseModel):
+    negative_prompt: str | None = Field(None, max_length=MAX_PROMPT)
+    seed: int | None = Field(None, ge=0, lt=2**63, description="Random if absent; image i uses seed + i")
+    guidance_scale: float | None = Field(None, ge=0, le=20)
+    pruning: PruningField = Field(None, description="A preset name or explicit settings")
+
+
+class GenerateRequest(SamplingFields):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(..., min_length=1, max_length=MAX_PROMPT)
+    width: int | None = Field(None, ge=1, le=8192)
+    height: int | None = Field(None, ge=1, le=8192)
+    aspect_ratio: str | None = Field(None, max_length=16, description="e.g. '16:9' (width:height)")
+    resolution: Literal[256, 512, 1024] | None = Field(None, description="Default: the model's native "
+                                                       "resolution (256 for the tiny default model)")
+    temperature: float | None = Field(None, gt=0, le=5)
+    top_k: int | None = Field(None, ge=0, le=100_000)
+    top_p: float | None = Field(None, ge=0, le=1)
+    n: int = Field(1, ge=1, le=16)
+    output_format: OutputFormat = "png"
+    quality: int | None = Field(None, ge=1, le=100, description="jpeg/webp quality (default 90)")
+
+
+class ImageStats(BaseModel):
+    seed: int
+    tokens_computed: int
+    tokens_full: int
+    uncond_stop_scale: int | None
+    ideal_speedup: float
+    kept_fraction_per_scale: list[float]
+    prompt_truncated: bool
+
+
+class JobMetrics(BaseModel):
+    queue_wait_s: float | None = None
+    inference_s: float | None = None
+    total_s: float | None = None
+    batch_images: int | None = None
+
+
+class GeneratedImage(BaseModel):
+    b64_json: str
+    seed: int
+    stats: ImageStats
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class JobUrls(BaseModel):
+    get: str
+    cancel: str
+
+
+class Job(BaseModel):
+    id: str
+    object: Literal["job"] = "job"
+    status: Literal["queued", "processing", "succeeded", "failed", "canceled", "expired"]
+    created_at: float
+    started_at: float | None = None
+    completed_at: float | None = None
+    width: int
+    height: int
+    output_format: OutputFormat
+    seeds: list[int]
+    pruning: str
+    output: list[GeneratedImage] | None = None
+    error: ErrorBody | None = None
+    metrics: JobMetrics
+    urls: JobUrls
+
+
+class GenerateResponse(BaseModel):
+    id: str
+    created: int
+    width: int
+    height: int
+    output_format: OutputFormat
+    seeds: list[int]
+    pruning: str
+    data: list[GeneratedImage]
+    metrics: JobMetrics
+
+
+class OpenAIImageRequest(SamplingFields):
+    """OpenAI Images API request plus the extensions seed, negative_prompt, guidance_scale, pruning."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: str = Field(..., min_length=1, max_length=MAX_PROMPT)
+    model: str | None = Field(None, max_length=64)
+    n: int = Field(1, ge=1, le=16)
+    size: str | None = Field(None, max_length=16, description="'auto' or 'WIDTHxHEIGHT'")
+    quality: Literal["auto", "low", "medium", "high", "standard", "hd"] | None = None
+    response_format: Literal["b64_json", "url"] | None = None
+    output_format: OutputFormat | None = None
+    output_compression: int | None = Field(None, ge=0, le=100)
+    background: Literal["auto", "opaque", "transparent"] | None = None
+    user: str | None = Field(None, max_length=256)
+
+
+class OpenAIImage(BaseModel):
+    b64_json: str
+    revised_prompt: str | None = None
+    seed: int
+
+
+class OpenAIUsage(BaseModel):
+    input_tokens: int = 0
+    output_tokens: int
+    total_tokens: int
+    output_tokens_details: dict[str, int]
+
+
+class OpenAIImagesResponse(BaseModel):
+    created: int
+    data: list[OpenAIImage]
+    output_format: OutputFormat
+    size: str
+    quality: str | None = None
+    usage: OpenAIUsage
+    metrics: dict[str, Any]
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

@@ -1,0 +1,119 @@
+"""``ldserve serve | api | worker``.
+
+serve:  API + worker in one process (worker in a thread); embedded redis-server when no Redis URL.
+api:    the HTTP API only (needs LDSERVE_REDIS_URL).
+worker: one GPU worker (needs LDSERVE_REDIS_URL); metrics on its own port (worker_metrics_port).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from typing import Any
+
+import uvicorn
+from prometheus_client import CollectorRegistry
+from pydantic import ValidationError
+
+from .settings import ServiceSettings
+
+log = logging.getLogger("ldserve")
+
+
+class _Server(uvicorn.Server):
+    """uvicorn server that flips the app to draining (readiness 503) as soon as a signal arrives."""
+
+    def __init__(self, config: uvicorn.Config, on_exit: Any = None) -> None:
+        super().__init__(config)
+        self.on_exit = on_exit
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        if self.on_exit is not None:
+            self.on_exit()
+        super().handle_exit(sig, frame)
+
+
+def _settings(args: argparse.Namespace) -> ServiceSettings:
+    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    try:
+        return ServiceSettings(**overrides)
+    except ValidationError as e:
+        sys.exit(f"ldserve: invalid settings:\n{e}")
+
+
+def _uvicorn_config(app: Any, s: ServiceSettings) -> uvicorn.Config:
+    return uvicorn.Config(app, host=s.host, port=s.port, log_level=s.log_level, access_log=False,
+                          timeout_graceful_shutdown=int(s.sync_timeout_s) + 5)
+
+
+def serve(s: ServiceSettings) -> None:
+    from .embedded_redis import EmbeddedRedis
+    from .main import create_app
+    from .metrics import ApiMetrics, WorkerMetrics
+    from .worker import Worker, worker_client
+
+    embedded = EmbeddedRedis().start() if s.redis_url is None else None
+    if embedded is not None:
+        s = s.model_copy(update={"redis_url": embedded.url})
+    try:
+        registry = CollectorRegistry()
+        api_metrics = ApiMetrics(registry)
+        worker = Worker(s, worker_client(s), WorkerMetrics(registry, jobs=api_metrics.api_jobs))
+        thread = threading.Thread(target=worker.run, name="ldserve-worker", daemon=True)
+        thread.start()
+        app = create_app(s, metrics=api_metrics)
+        server = _Server(_uvicorn_config(app, s), on_exit=lambda: setattr(app.state, "draining", True))
+        server.run()
+        worker.stop()
+        thread.join()
+    finally:
+        if embedded is not None:
+            embedded.stop()
+
+
+def api(s: ServiceSettings) -> None:
+    from .main import create_app
+
+    if s.redis_url is None:
+        sys.exit("ldserve api: set LDSERVE_REDIS_URL (only `ldserve serve` starts an embedded Redis)")
+    app = create_app(s)
+    _Server(_uvicorn_config(app, s), on_exit=lambda: setattr(app.state, "draining", True)).run()
+
+
+def worker(s: ServiceSettings) -> None:
+    from prometheus_client import start_http_server
+
+    from .metrics import WorkerMetrics
+    from .worker import Worker, worker_client
+
+    if s.redis_url is None:
+        sys.exit("ldserve worker: set LDSERVE_REDIS_URL")
+    registry = CollectorRegistry()
+    w = Worker(s, worker_client(s), WorkerMetrics(registry))
+    if s.worker_metrics_port:
+        start_http_server(s.worker_metrics_port, addr=s.host, registry=registry)
+        log.info("worker metrics on http://%s:%d/metrics", s.host, s.worker_metrics_port)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: w.stop())
+    w.run()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="ldserve", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in ("serve", "api", "worker"):
+        p = sub.add_parser(name)
+        p.add_argument("--host", default=None)
+        p.add_argument("--port", type=int, default=None)
+    args = parser.parse_args(argv)
+    s = _settings(args)
+    logging.basicConfig(level=s.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    {"serve": serve, "api": api, "worker": worker}[args.command](s)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""The worker's only view of the model: builds ``pruning.Engine`` from settings, warms up, runs batches.
+
+Realized-speedup calibration: for every batch shape (scale schedule, number of images) the
+first pruned batch is followed by one timed run of the same requests with pruning off
+(warm-up does it for the default schedule at batch size 1). The cached unpruned time over
+the actual time of each later pruned batch of that shape is the realized speedup. The extra
+run happens after the batch's results are stored, so no client waits for it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+from model_loader.sampling import SamplingParams
+from pruning.config import PruningConfig
+from pruning.engine import Engine, ImageRequest, grids_for
+
+from .settings import ServiceSettings
+from .spec import JobSpec
+
+log = logging.getLogger(__name__)
+Grids = tuple[tuple[int, int], ...]
+
+
+@dataclass
+class ImageOut:
+    rgb: bytes
+    width: int
+    height: int
+    stats: dict[str, Any]
+    prompt_truncated: bool
+
+
+@dataclass
+class BatchOut:
+    images: list[list[ImageOut]]
+    """Per job, its n images."""
+    seconds: float
+    pruned: bool
+
+
+def pruning_from_dict(d: dict[str, Any] | None) -> PruningConfig | None:
+    if d is None:
+        return None
+    fixed = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+    cfg = PruningConfig(**fixed)
+    return cfg if cfg.enabled else None
+
+
+def requests_for(spec: JobSpec) -> list[ImageRequest]:
+    pruning = pruning_from_dict(spec.pruning)
+    return [ImageRequest(spec.prompt, SamplingParams(cfg=spec.cfg, tau=spec.tau, top_k=spec.top_k, top_p=spec.top_p,
+                                                     seed=seed), pruning, spec.negative_prompt or None)
+            for seed in spec.seeds]
+
+
+class EngineClient:
+    def __init__(self, settings: ServiceSettings) -> None:
+        self.settings = settings
+        self.engine = Engine.from_preset(settings.model_preset, transformer_path=settings.transformer_path,
+                                         vae_path=settings.vae_path, text_encoder_path=settings.text_encoder_path,
+                                         device=settings.device, dtype_policy=settings.dtype_policy)
+        self.unpruned_s: dict[tuple[Grids, int], float] = {}
+
+    @property
+    def model_name(self) -> str:
+        return self.engine.preset.name
+
+    @property
+    def dtype(self) -> str:
+        return str(self.engine.model.compute_dtype).removeprefix("torch.")
+
+    def warmup(self) -> float:
+        t = self.engine.warmup()
+        if self.settings.calibrate_realized_speedup:
+            spec_grids = grids_for(1.0, self.engine.preset.pn)
+            self._time_unpruned([ImageRequest("calibration", SamplingParams(seed=0))], spec_grids)
+        return t
+
+    def generate(self, specs: list[JobSpec]) -> BatchOut:
+        """One batch of jobs sharing a batch key; raises on engine errors."""
+        grids = grids_for(specs[0].h_div_w, specs[0].pn)
+        reqs = [r for s in specs for r in requests_for(s)]
+        t0 = time.perf_counter()
+        results = self.engine.generate(reqs, grids)
+        self._sync()
+        seconds = time.perf_counter() - t0
+        h, w = Engine.image_size(grids)
+        flat = [ImageOut(r.image_HW3.contiguous().cpu().numpy().tobytes(), w, h, r.stats.to_dict(),
+                         r.prompt_truncated) for r in results]
+        out, i = [], 0
+        for s in specs:
+            out.append(flat[i:i + s.n])
+            i += s.n
+        pruned = any(r.pruning is not None for r in reqs)
+        if not pruned:
+            self.unpruned_s[(grids, len(reqs))] = seconds
+        return BatchOut(out, seconds, pruned)
+
+    def realized_speedup(self, specs: list[JobSpec], seconds: float) -> float | None:
+        """Calibrated unpruned time / actual time for a pruned batch (calibrating on first use)."""
+        if not self.settings.calibrate_realized_speedup:
+            return None
+        grids = grids_for(specs[0].h_div_w, specs[0].pn)
+        reqs = [replace(r, pruning=None) for s in specs for r in requests_for(s)]
+        key = (grids, len(reqs))
+        if key not in self.unpruned_s:
+            self._time_unpruned(reqs, grids)
+        return self.unpruned_s[key] / seconds if seconds > 0 else None
+
+    def _time_unpruned(self, reqs: list[ImageRequest], grids: Grids) -> None:
+        t0 = time.perf_counter()
+        self.engine.generate(reqs, grids)
+        self._sync()
+        self.unpruned_s[(grids, len(reqs))] = time.perf_counter() - t0
+        log.info("calibrated unpruned time for %d image(s) at %s: %.3f s", len(reqs), grids[-1],
+                 self.unpruned_s[(grids, len(reqs))])
+
+    def _sync(self) -> None:
+        if self.settings.device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    def gpu_memory_bytes(self) -> int:
+        if self.settings.device.startswith("cuda") and torch.cuda.is_available():
+            return int(torch.cuda.memory_allocated())
+        return 0

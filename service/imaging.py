@@ -1,0 +1,31 @@
+"""Image encoding in the API process (Pillow, off the GPU worker)."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+from PIL import Image
+
+MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+DEFAULT_QUALITY = 90
+
+
+def encode(rgb: bytes, width: int, height: int, fmt: str, quality: int | None = None) -> bytes:
+    """Raw uint8 RGB (height, width, 3) -> png/jpeg/webp bytes; quality applies to jpeg/webp."""
+    img = Image.frombytes("RGB", (width, height), rgb)
+    buf = io.BytesIO()
+    q = DEFAULT_QUALITY if quality is None else max(1, min(100, quality))
+    if fmt == "png":
+        img.save(buf, format="PNG")
+    elif fmt == "jpeg":
+        img.save(buf, format="JPEG", quality=q)
+    elif fmt == "webp":
+        img.save(buf, format="WEBP", quality=q)
+    else:
+        raise ValueError(f"unknown output_format {fmt!r}")
+    return buf.getvalue()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()

@@ -1,0 +1,98 @@
+"""Redis key layout and the Lua scripts that make queue transitions atomic."""
+
+from __future__ import annotations
+
+import hashlib
+
+
+class Keys:
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.stream = f"{prefix}:jobs"
+        self.group = "workers"
+        self.dlq = f"{prefix}:dlq"
+        self.events = f"{prefix}:events"
+        self.workers = f"{prefix}:workers"
+
+    def job(self, job_id: str) -> str:
+        return f"{self.prefix}:job:{job_id}"
+
+    def idem(self, key: str) -> str:
+        return f"{self.prefix}:idem:{hashlib.sha256(key.encode()).hexdigest()}"
+
+
+_NOW = "local t = redis.call('TIME'); local now = t[1] * 1000 + math.floor(t[2] / 1000)\n"
+
+# KEYS: stream, job, idem ; ARGV: max_len, trim_len, job_id, spec, timeout_ms, ttl, payload_hash, idem_ttl, use_idem
+ENQUEUE = _NOW + """
+if ARGV[9] == '1' then
+  local existing = redis.call('GET', KEYS[3])
+  if existing then
+    local sep = string.find(existing, ' ')
+    local jid = string.sub(existing, 1, sep - 1)
+    if redis.call('EXISTS', ARGV[10] .. jid) == 1 then
+      return {'dup', jid, string.sub(existing, sep + 1)}
+    end
+  end
+end
+local depth = redis.call('XLEN', KEYS[1])
+if depth >= tonumber(ARGV[1]) then return {'full', tostring(depth), ''} end
+local deadline = 0
+if tonumber(ARGV[5]) > 0 then deadline = now + tonumber(ARGV[5]) end
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'job_id', ARGV[3], 'deadline_ms', deadline)
+redis.call('HSET', KEYS[2], 'status', 'queued', 'created_ms', now, 'deadline_ms', deadline, 'spec', ARGV[4],
+           'entry_id', id)
+redis.call('EXPIRE', KEYS[2], ARGV[6])
+if ARGV[9] == '1' then redis.call('SET', KEYS[3], ARGV[3] .. ' ' .. ARGV[7], 'EX', ARGV[8]) end
+return {'ok', id, ''}
+"""
+
+# KEYS: job, stream ; ARGV: new_status, error_json, events_channel, job_id -> previous status or nil
+# A queued job's stream entry is deleted at once so it stops counting against max_queue_len;
+# if a worker already read it, the worker's START sees the terminal status and acks it.
+TERMINATE = _NOW + """
+local st = redis.call('HGET', KEYS[1], 'status')
+if not st then return false end
+if st == 'queued' or st == 'processing' then
+  redis.call('HSET', KEYS[1], 'status', ARGV[1], 'completed_ms', now, 'error', ARGV[2])
+  redis.call('PUBLISH', ARGV[3], ARGV[4])
+end
+if st == 'queued' then
+  local eid = redis.call('HGET', KEYS[1], 'entry_id')
+  if eid then redis.call('XDEL', KEYS[2], eid) end
+end
+return st
+"""
+
+# KEYS: job ; ARGV: consumer -> {status, now, deadline_ms} ; queued/processing -> processing unless expired
+START = _NOW + """
+local st = redis.call('HGET', KEYS[1], 'status')
+if not st then return {'missing', now, 0} end
+local deadline = tonumber(redis.call('HGET', KEYS[1], 'deadline_ms') or '0')
+if (st == 'queued' or st == 'processing') and deadline > 0 and now > deadline then
+  return {'past_deadline', now, deadline}
+end
+if st == 'queued' or st == 'processing' then
+  redis.call('HSET', KEYS[1], 'status', 'processing', 'started_ms', now, 'worker', ARGV[1])
+  redis.call('HINCRBY', KEYS[1], 'deliveries', 1)
+  return {'processing', now, deadline}
+end
+return {st, now, deadline}
+"""
+
+# KEYS: job, stream ; ARGV: group, entry_id, status, ttl, events_channel, job_id, field1, value1, ...
+# Stores the outcome only if the job is still live, then XACK + XDEL: the ack follows the store.
+FINISH = _NOW + """
+local st = redis.call('HGET', KEYS[1], 'status')
+local stored = 0
+if st == 'queued' or st == 'processing' then
+  redis.call('HSET', KEYS[1], 'status', ARGV[3], 'completed_ms', now)
+  for i = 7, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+  redis.call('EXPIRE', KEYS[1], ARGV[4])
+  redis.call('PUBLISH', ARGV[5], ARGV[6])
+  stored = 1
+end
+redis.call('XACK', KEYS[2], ARGV[1], ARGV[2])
+redis.call('XDEL', KEYS[2], ARGV[2])
+return stored
+"""

@@ -1,0 +1,73 @@
+"""The FastAPI app factory. Settings are passed in (built by the CLI or tests), never read at import."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import redis.asyncio as aredis
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from prometheus_client import CollectorRegistry
+
+from . import __version__
+from .api import docs, errors
+from .api.middleware import RequestMiddleware
+from .api.routes import protected, public
+from .keys import Keys
+from .metrics import ApiMetrics
+from .queue import JobQueue, Notifier, ensure_group
+from .settings import ServiceSettings
+
+log = logging.getLogger(__name__)
+
+DESCRIPTION = """Text-to-image generation with Infinity and LD-Pruning.
+
+Synchronous by default; send `Prefer: respond-async` for a 202 job. Errors use the OpenAI
+envelope `{"error": {"message", "type", "param", "code"}}`; every response has `x-request-id`.
+"""
+
+
+def create_app(settings: ServiceSettings, *, metrics: ApiMetrics | None = None) -> FastAPI:
+    """Build the API. ``metrics`` lets ``ldserve serve`` share one registry with the in-process worker."""
+    if settings.redis_url is None:
+        raise ValueError("redis_url: the API needs a Redis URL (ldserve serve starts an embedded one)")
+    api_metrics = metrics or ApiMetrics(CollectorRegistry())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        client = aredis.Redis.from_url(settings.redis_url, health_check_interval=30)
+        keys = Keys(settings.key_prefix)
+        app.state.queue = JobQueue(client, keys, max_len=settings.max_queue_len, job_ttl_s=settings.job_ttl_s)
+        app.state.notifier = Notifier(client, app.state.queue)
+        try:
+            await ensure_group(client, keys)
+        except Exception as e:  # noqa: BLE001 - start anyway; readiness reports Redis down
+            log.warning("could not create the consumer group yet: %s", e)
+        app.state.notifier.start()
+        try:
+            yield
+        finally:
+            app.state.draining = True
+            await app.state.notifier.stop()
+            await client.aclose()
+
+    app = FastAPI(title="ldserve", version=__version__, description=DESCRIPTION, lifespan=lifespan,
+                  docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.settings = settings
+    app.state.metrics = api_metrics
+    app.state.draining = False
+    app.state.started_at = time.time()
+    errors.install(app)
+    app.include_router(public)
+    app.include_router(protected)
+    docs.install(app, protect=bool(settings.api_key_hashes) and not settings.public_docs)
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "Prefer",
+                                          "Cancel-After", "x-request-id"],
+                           expose_headers=["x-request-id", "Retry-After", "Location"])
+    app.add_middleware(RequestMiddleware, metrics=api_metrics, max_body_bytes=settings.max_body_bytes)
+    return app

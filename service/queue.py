@@ -1,0 +1,207 @@
+"""API side of the job queue: admission (bounded, idempotent), job reads, cancel, and waiting.
+
+Redis layout (see keys.py): stream ``{p}:jobs`` with consumer group ``workers``; job hash
+``{p}:job:{id}`` (status, timestamps, spec, result, raw images) with a TTL; ``{p}:idem:{sha}``
+for Idempotency-Key; completion events on the ``{p}:events`` pub/sub channel (a wake-up hint
+only: the job hash is the truth). Acked entries are XDELed, so XLEN = waiting + pending.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis.asyncio as aredis
+from redis.exceptions import ResponseError
+
+from .keys import ENQUEUE, TERMINATE, Keys
+from .spec import TERMINAL, JobSpec
+
+log = logging.getLogger(__name__)
+IDEM_TTL_S = 24 * 3600
+
+
+class QueueFull(Exception):
+    def __init__(self, depth: int, retry_after_s: int) -> None:
+        super().__init__(f"queue is full ({depth} jobs)")
+        self.depth = depth
+        self.retry_after_s = retry_after_s
+
+
+class IdempotencyMismatch(Exception):
+    pass
+
+
+@dataclass
+class Job:
+    id: str
+    status: str
+    spec: JobSpec
+    created_ms: int
+    started_ms: int | None = None
+    completed_ms: int | None = None
+    error: dict[str, Any] | None = None
+    result: dict[str, Any] | None = None
+    images: list[bytes] = field(default_factory=list)
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL
+
+
+def _s(v: bytes | None) -> str | None:
+    return v.decode() if v is not None else None
+
+
+def _i(v: bytes | None) -> int | None:
+    return int(v) if v not in (None, b"", b"0") else None
+
+
+def parse_job(job_id: str, h: dict[bytes, bytes]) -> Job:
+    spec = JobSpec.model_validate_json(h[b"spec"])
+    err = h.get(b"error")
+    res = h.get(b"result")
+    images = [h[f"img{i}".encode()] for i in range(spec.n) if f"img{i}".encode() in h]
+    return Job(id=job_id, status=h[b"status"].decode(), spec=spec, created_ms=int(h[b"created_ms"]),
+               started_ms=_i(h.get(b"started_ms")), completed_ms=_i(h.get(b"completed_ms")),
+               error=json.loads(err) if err else None, result=json.loads(res) if res else None, images=images)
+
+
+async def ensure_group(client: aredis.Redis, keys: Keys) -> None:
+    try:
+        await client.xgroup_create(keys.stream, keys.group, id="0", mkstream=True)
+    except ResponseError as e:
+        if "BUSYGROUP" not in str(e):
+            raise
+
+
+class JobQueue:
+    """Async queue client used by the API process."""
+
+    def __init__(self, client: aredis.Redis, keys: Keys, *, max_len: int, job_ttl_s: int) -> None:
+        self.client = client
+        self.keys = keys
+        self.max_len = max_len
+        self.job_ttl_s = job_ttl_s
+        self._enqueue = client.register_script(ENQUEUE)
+        self._terminate = client.register_script(TERMINATE)
+
+    async def enqueue(self, spec: JobSpec, *, timeout_s: float | None, idempotency_key: str | None) -> tuple[str, bool]:
+        """Returns (job_id, created). Raises QueueFull or IdempotencyMismatch."""
+        job_id = uuid.uuid4().hex
+        phash = spec.payload_hash()
+        idem = self.keys.idem(idempotency_key) if idempotency_key else self.keys.job("none")
+        timeout_ms = int(timeout_s * 1000) if timeout_s else 0
+        args = [self.max_len, max(1000, 10 * self.max_len), job_id, spec.model_dump_json(), timeout_ms,
+                self.job_ttl_s, phash, IDEM_TTL_S, "1" if idempotency_key else "0", self.keys.job("")]
+        kind, a, b = await self._enqueue(keys=[self.keys.stream, self.keys.job(job_id), idem], args=args)
+        kind = kind.decode()
+        if kind == "full":
+            raise QueueFull(int(a), await self.retry_after(int(a)))
+        if kind == "dup":
+            if b.decode() != phash:
+                raise IdempotencyMismatch("Idempotency-Key was used with a different request body")
+            return a.decode(), False
+        return job_id, True
+
+    async def retry_after(self, depth: int) -> int:
+        workers = await self.workers()
+        ready = [w for w in workers if w.get("ready")]
+        per_image = max([w.get("s_per_image", 1.0) for w in ready] or [1.0])
+        return max(1, math.ceil(depth * per_image / max(1, len(ready))))
+
+    async def get(self, job_id: str) -> Job | None:
+        h = await self.client.hgetall(self.keys.job(job_id))
+        return parse_job(job_id, h) if h else None
+
+    async def status(self, job_id: str) -> str | None:
+        return _s(await self.client.hget(self.keys.job(job_id), "status"))
+
+    async def terminate(self, job_id: str, status: str, error: dict[str, Any] | None = None) -> str | None:
+        """Move a live job to canceled/expired; returns the previous status (None if unknown)."""
+        prev = await self._terminate(keys=[self.keys.job(job_id), self.keys.stream],
+                                     args=[status, json.dumps(error) if error else "", self.keys.events, job_id])
+        return _s(prev)
+
+    async def depth(self) -> tuple[int, int]:
+        """(waiting, pending): entries never delivered, and delivered but not acked."""
+        total = await self.client.xlen(self.keys.stream)
+        try:
+            info = await self.client.xpending(self.keys.stream, self.keys.group)
+            pending = int(info["pending"])
+        except ResponseError:
+            pending = 0
+        return max(0, total - pending), pending
+
+    async def workers(self) -> list[dict[str, Any]]:
+        raw = await self.client.hgetall(self.keys.workers)
+        now = time.time()
+        out = []
+        for name, val in raw.items():
+            w = json.loads(val)
+            w["name"] = name.decode()
+            w["age_s"] = max(0.0, now - w["ts"])
+            out.append(w)
+        return out
+
+
+class Notifier:
+    """One pub/sub subscription per API process that wakes waiters; the job hash stays the truth."""
+
+    def __init__(self, client: aredis.Redis, queue: JobQueue) -> None:
+        self.client = client
+        self.queue = queue
+        self._waiters: dict[str, set[asyncio.Event]] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._listen(), name="ldserve-notifier")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _listen(self) -> None:
+        while True:
+            try:
+                pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+                await pubsub.subscribe(self.queue.keys.events)
+                async for msg in pubsub.listen():
+                    for ev in self._waiters.get(msg["data"].decode(), ()):
+                        ev.set()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # Redis restarts: resubscribe; waiters re-check the key on wake-up
+                log.warning("event subscription lost (%s); resubscribing", e)
+                for evs in self._waiters.values():
+                    for ev in evs:
+                        ev.set()
+                await asyncio.sleep(0.5)
+
+    async def wait(self, job_id: str, timeout_s: float) -> str | None:
+        """Wait until the job is terminal or the timeout passes; returns the last seen status."""
+        ev = asyncio.Event()
+        self._waiters.setdefault(job_id, set()).add(ev)
+        deadline = time.monotonic() + timeout_s
+        try:
+            while True:
+                status = await self.queue.status(job_id)  # registered first, so no event is missed
+                left = deadline - time.monotonic()
+                if status is None or status in TERMINAL or left <= 0:
+                    return status
+                try:
+                    await asyncio.wait_for(ev.wait(), timeout=left)
+                except asyncio.TimeoutError:
+                    pass
+                ev.clear()
+        finally:
+            self._waiters[job_id].discard(ev)
+            if not self._waiters[job_id]:
+                del self._waiters[job_id]

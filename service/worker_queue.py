@@ -1,0 +1,116 @@
+"""Worker side of the job queue (sync redis-py): claim, recover, start, finish, dead-letter, heartbeat."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from redis.exceptions import ResponseError
+
+from .keys import FINISH, START, Keys
+from .spec import JobSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Entry:
+    entry_id: str
+    job_id: str
+    deliveries: int = 1
+    claimed_at: float = 0.0
+    """time.monotonic() when this worker took the entry."""
+    created_ms: int = 0
+    """From the stream ID (Redis clock)."""
+    started_ms: int = 0
+    """Redis clock when the job was marked processing."""
+
+
+def _entry(eid: bytes, fields: dict[bytes, bytes] | None, deliveries: int = 1) -> Entry | None:
+    if not fields or b"job_id" not in fields:
+        return None
+    e = eid.decode()
+    return Entry(e, fields[b"job_id"].decode(), deliveries, time.monotonic(), int(e.split("-")[0]))
+
+
+class WorkerQueue:
+    def __init__(self, client: redis.Redis, keys: Keys, *, job_ttl_s: int) -> None:
+        self.client = client
+        self.keys = keys
+        self.job_ttl_s = job_ttl_s
+        self._start = client.register_script(START)
+        self._finish = client.register_script(FINISH)
+
+    def ensure_group(self) -> None:
+        try:
+            self.client.xgroup_create(self.keys.stream, self.keys.group, id="0", mkstream=True)
+        except ResponseError as e:
+            if "BUSYGROUP" not in str(e):
+                raise
+
+    def read_new(self, consumer: str, count: int, block_ms: int | None) -> list[Entry]:
+        resp = self.client.xreadgroup(self.keys.group, consumer, {self.keys.stream: ">"}, count=count,
+                                      block=block_ms)
+        out = []
+        for _stream, items in resp or []:
+            out.extend(e for e in (_entry(eid, f) for eid, f in items) if e is not None)
+        return out
+
+    def autoclaim(self, consumer: str, min_idle_ms: int, count: int) -> list[Entry]:
+        """XAUTOCLAIM entries idle past the threshold (their worker stopped touching them: it died)."""
+        resp = self.client.xautoclaim(self.keys.stream, self.keys.group, consumer, min_idle_ms, "0-0", count=count)
+        items = resp[1] if resp else []
+        out = []
+        for eid, fields in items:
+            e = _entry(eid, fields, self.delivery_count(eid.decode()))
+            if e is not None:
+                out.append(e)
+            else:  # entry body gone: nothing to run
+                self.client.xack(self.keys.stream, self.keys.group, eid)
+        return out
+
+    def delivery_count(self, entry_id: str) -> int:
+        rows = self.client.xpending_range(self.keys.stream, self.keys.group, min=entry_id, max=entry_id, count=1)
+        return int(rows[0]["times_delivered"]) if rows else 1
+
+    def touch(self, consumer: str, entry_ids: list[str]) -> None:
+        """Reset the idle time of entries this worker holds (XCLAIM JUSTID does not count a delivery)."""
+        if entry_ids:
+            self.client.xclaim(self.keys.stream, self.keys.group, consumer, 0, entry_ids, justid=True)
+
+    def start(self, job_id: str, consumer: str) -> tuple[str, int, int]:
+        """(status, now_ms, deadline_ms); status 'processing' means run it."""
+        st, now, deadline = self._start(keys=[self.keys.job(job_id)], args=[consumer])
+        return st.decode(), int(now), int(deadline)
+
+    def spec(self, job_id: str) -> JobSpec:
+        raw = self.client.hget(self.keys.job(job_id), "spec")
+        if raw is None:
+            raise KeyError(job_id)
+        return JobSpec.model_validate_json(raw)
+
+    def finish(self, entry: Entry, status: str, fields: dict[str, Any]) -> bool:
+        """Store the outcome (only if still live), then XACK + XDEL, atomically; True if stored."""
+        args: list[Any] = [self.keys.group, entry.entry_id, status, self.job_ttl_s, self.keys.events, entry.job_id]
+        for k, v in fields.items():
+            args += [k, v]
+        return bool(self._finish(keys=[self.keys.job(entry.job_id), self.keys.stream], args=args))
+
+    def fail(self, entry: Entry, status: str, code: str, message: str) -> bool:
+        err = json.dumps({"message": message, "type": "server_error", "code": code, "param": None})
+        return self.finish(entry, status, {"error": err})
+
+    def dead_letter(self, entry: Entry, reason: str) -> None:
+        self.client.xadd(self.keys.dlq, {"job_id": entry.job_id, "entry_id": entry.entry_id, "reason": reason},
+                         maxlen=10_000, approximate=True)
+        self.fail(entry, "failed", "dead_lettered", reason)
+
+    def heartbeat(self, consumer: str, info: dict[str, Any]) -> None:
+        self.client.hset(self.keys.workers, consumer, json.dumps({**info, "ts": time.time()}))
+
+    def remove_worker(self, consumer: str) -> None:
+        self.client.hdel(self.keys.workers, consumer)

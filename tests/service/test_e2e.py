@@ -1,0 +1,221 @@
+"""End to end against `ldserve serve` (real uvicorn, real Redis, real tiny-2b engine)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+import time
+
+import httpx
+import pytest
+import redis
+from PIL import Image
+
+from .conftest import AUTH, Proc
+
+
+def post(p: Proc, path: str, body: dict, headers: dict | None = None, timeout: float = 60) -> httpx.Response:
+    return httpx.post(f"{p.url}{path}", json=body, headers={**AUTH, **(headers or {})}, timeout=timeout)
+
+
+def job_keys(r: redis.Redis, p: Proc) -> int:
+    prefix = p.env["LDSERVE_KEY_PREFIX"]
+    return len(r.keys(f"{prefix}:job:*")) + r.xlen(f"{prefix}:jobs")
+
+
+def decode(b64: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(b64)))
+
+
+def metric(text: str, name: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name) and (line[len(name)] in " {"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_sync_generate_returns_image_of_requested_size(serve: Proc) -> None:
+    r = post(serve, "/generate", {"prompt": "a red fox", "seed": 7, "n": 2, "width": 256, "height": 256})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["seeds"] == [7, 8] and (body["width"], body["height"]) == (256, 256)
+    for item in body["data"]:
+        img = decode(item["b64_json"])
+        assert img.format == "PNG" and img.size == (256, 256)
+        st = item["stats"]
+        assert st["tokens_computed"] <= st["tokens_full"] and st["ideal_speedup"] >= 1
+        assert "uncond_stop_scale" in st and st["seed"] == item["seed"]
+    m = body["metrics"]
+    assert m["queue_wait_s"] >= 0 and m["inference_s"] > 0
+    assert re.fullmatch(r"req_[0-9a-f]{32}", r.headers["x-request-id"])
+
+
+@pytest.mark.parametrize("fmt", ["jpeg", "webp"])
+def test_formats_and_aspect_ratio(serve: Proc, fmt: str) -> None:
+    r = post(serve, "/generate", {"prompt": "a lake", "aspect_ratio": "16:9", "output_format": fmt, "quality": 50,
+                                  "pruning": {"preset": "fast", "energy_keep_ratio": 0.4}, "guidance_scale": 4})
+    assert r.status_code == 200, r.text
+    img = decode(r.json()["data"][0]["b64_json"])
+    assert img.format == fmt.upper() and img.size == (r.json()["width"], r.json()["height"])
+    assert img.size[0] > img.size[1] and r.json()["pruning"] == "custom"
+
+
+def test_raw_image_with_accept_header(serve: Proc) -> None:
+    r = post(serve, "/generate", {"prompt": "a tree", "seed": 11}, {"Accept": "image/webp"})
+    assert r.status_code == 200 and r.headers["content-type"] == "image/webp"
+    assert Image.open(io.BytesIO(r.content)).size == (256, 256) and r.headers["x-seed"] == "11"
+    r = post(serve, "/generate", {"prompt": "a tree", "n": 2}, {"Accept": "image/png"})
+    assert r.status_code == 406 and r.json()["error"]["param"] == "n"
+
+
+def test_openai_route(serve: Proc) -> None:
+    r = post(serve, "/v1/images/generations", {"prompt": "a boat", "model": "tiny-2b", "size": "256x256",
+                                               "output_format": "jpeg", "output_compression": 60, "seed": 5,
+                                               "negative_prompt": "blurry", "pruning": "quality", "user": "u1"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["size"] == "256x256" and body["output_format"] == "jpeg" and body["data"][0]["seed"] == 5
+    assert decode(body["data"][0]["b64_json"]).format == "JPEG"
+    assert body["usage"]["output_tokens"] > 0
+    r = post(serve, "/v1/images/generations", {"prompt": "a boat", "response_format": "url"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "response_format"
+
+
+def test_async_lifecycle(serve: Proc) -> None:
+    r = post(serve, "/generate", {"prompt": "a house", "seed": 1}, {"Prefer": "respond-async"})
+    assert r.status_code == 202 and r.headers["location"] == f"/v1/jobs/{r.json()['id']}"
+    job = r.json()
+    assert job["status"] in ("queued", "processing", "succeeded") and job["seeds"] == [1]
+    seen = {job["status"]}
+    deadline = time.monotonic() + 60
+    while job["status"] not in ("succeeded", "failed") and time.monotonic() < deadline:
+        time.sleep(0.05)
+        job = httpx.get(f"{serve.url}{job['urls']['get']}", headers=AUTH).json()
+        seen.add(job["status"])
+    assert job["status"] == "succeeded", job
+    assert decode(job["output"][0]["b64_json"]).size == (256, 256)
+    assert job["started_at"] >= job["created_at"] and job["completed_at"] >= job["started_at"]
+    r = httpx.post(f"{serve.url}/v1/jobs/{job['id']}/cancel", headers=AUTH)
+    assert r.status_code == 409 and r.json()["error"]["code"] == "job_already_terminal"
+
+
+def test_cancel_queued_job_never_runs(serve: Proc) -> None:
+    # a 512 px job keeps the worker busy while the second one waits in the queue
+    busy = post(serve, "/generate", {"prompt": "busy", "resolution": 512}, {"Prefer": "respond-async"}).json()
+    job = post(serve, "/generate", {"prompt": "x", "resolution": 512, "aspect_ratio": "1:2"},
+               {"Prefer": "respond-async"}).json()
+    r = httpx.post(f"{serve.url}/v1/jobs/{job['id']}/cancel", headers=AUTH)
+    assert r.status_code == 200 and r.json()["status"] == "canceled"
+    time.sleep(0.5)
+    after = httpx.get(f"{serve.url}/v1/jobs/{job['id']}", headers=AUTH).json()
+    assert after["status"] == "canceled" and after["started_at"] is None and after["output"] is None
+    assert httpx.post(f"{serve.url}/v1/jobs/nope/cancel", headers=AUTH).status_code == 404
+    httpx.post(f"{serve.url}/v1/jobs/{busy['id']}/cancel", headers=AUTH)
+
+
+def test_idempotency(serve: Proc) -> None:
+    body = {"prompt": "idem", "seed": 3}
+    h = {"Idempotency-Key": "k-123", "Prefer": "respond-async"}
+    a, b = post(serve, "/generate", body, h), post(serve, "/generate", body, h)
+    assert a.status_code == b.status_code == 202 and a.json()["id"] == b.json()["id"]
+    c = post(serve, "/generate", {**body, "seed": 4}, h)
+    assert c.status_code == 422 and c.json()["error"]["code"] == "idempotency_key_reused"
+    sync = post(serve, "/generate", body, {"Idempotency-Key": "k-123"})  # the retry waits on the same job
+    assert sync.status_code == 200 and sync.json()["id"] == a.json()["id"]
+
+
+BAD = [
+    ({"prompt": ""}, 422, "prompt"),
+    ({"prompt": "x", "n": 0}, 422, "n"),
+    ({"prompt": "x", "n": 5}, 400, "n"),
+    ({"prompt": "x" * 2001}, 400, "prompt"),
+    ({"prompt": "x", "pruning": "turbo"}, 400, "pruning"),
+    ({"prompt": "x", "pruning": {"energy_keep_ratio": 0}}, 422, "pruning.energy_keep_ratio"),
+    ({"prompt": "x", "pruning": {"preset": "turbo"}}, 400, "pruning.preset"),
+    ({"prompt": "x", "width": 256, "height": 4000}, 400, "height"),
+    ({"prompt": "x", "width": 4000, "height": 4000}, 400, "width"),
+    ({"prompt": "x", "aspect_ratio": "10:1"}, 400, "aspect_ratio"),
+    ({"prompt": "x", "resolution": 333}, 422, "resolution"),
+    ({"prompt": "x", "guidance_scale": -1}, 422, "guidance_scale"),
+    ({"prompt": "x", "bogus": 1}, 422, "bogus"),
+    ({"prompt": "x", "output_format": "gif"}, 422, "output_format"),
+]
+
+
+@pytest.mark.parametrize("body,status,param", BAD)
+def test_bad_inputs_never_reach_the_queue(serve: Proc, rclient: redis.Redis, body: dict, status: int,
+                                          param: str) -> None:
+    before = job_keys(rclient, serve)
+    r = post(serve, "/generate", body)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and err["message"] and err["type"] == "invalid_request_error"
+    assert "x-request-id" in r.headers
+    assert job_keys(rclient, serve) == before
+
+
+def test_body_limit_and_bad_json(serve: Proc) -> None:
+    r = httpx.post(f"{serve.url}/generate", content=b'{"prompt": "' + b"x" * 70_000 + b'"}',
+                   headers={**AUTH, "content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
+    r = httpx.post(f"{serve.url}/generate", content=b"{nope", headers={**AUTH, "content-type": "application/json"})
+    assert r.status_code == 422 and "error" in r.json()
+
+
+def test_auth_on_every_non_probe_route(serve: Proc) -> None:
+    schema = httpx.get(f"{serve.url}/openapi.json", headers=AUTH).json()
+    checked = 0
+    for path, ops in schema["paths"].items():
+        for method in ops:
+            url = serve.url + path.replace("{job_id}", "abc")
+            r = httpx.request(method, url, json={"prompt": "x"})
+            if path.startswith("/health/"):
+                assert r.status_code in (200, 503)
+                continue
+            assert r.status_code == 401, (method, path, r.status_code)
+            assert r.json()["error"]["type"] == "authentication_error" and r.headers["www-authenticate"] == "Bearer"
+            wrong = httpx.request(method, url, json={"prompt": "x"}, headers={"Authorization": "Bearer wrong"})
+            assert wrong.status_code == 401
+            checked += 1
+    assert checked >= 6  # generate, openai, job get/cancel, models, metrics
+    for extra in ("/openapi.json", "/docs"):
+        assert httpx.get(serve.url + extra).status_code == 401
+
+
+def test_docs_page_is_offline(serve: Proc) -> None:
+    page = httpx.get(f"{serve.url}/docs", headers=AUTH).text
+    assert "swagger-ui-bundle.js" in page and not re.search(r"https?://", page)
+    assert httpx.get(f"{serve.url}/docs/assets/swagger-ui-bundle.js").status_code == 200
+
+
+def test_probes_and_models(serve: Proc) -> None:
+    assert httpx.get(f"{serve.url}/health/live").json() == {"status": "ok"}
+    ready = httpx.get(f"{serve.url}/health/ready").json()
+    assert ready["status"] == "ready" and ready["checks"]["workers_ready"] == 1
+    models = httpx.get(f"{serve.url}/v1/models", headers=AUTH).json()
+    assert models["data"][0]["id"] == "tiny-2b"
+    r = httpx.get(f"{serve.url}/health/live", headers={"x-request-id": "mine-1"})
+    assert r.headers["x-request-id"] == "mine-1"
+
+
+def test_metrics_appear_and_move(serve: Proc) -> None:
+    def scrape() -> str:
+        return httpx.get(f"{serve.url}/metrics", headers=AUTH).text
+
+    before = scrape()
+    assert post(serve, "/generate", {"prompt": "metrics"}).status_code == 200
+    after = scrape()
+    for name in ("ldserve_inference_duration_seconds_count", "ldserve_queue_wait_seconds_count",
+                 "ldserve_batch_size_count", "ldserve_tokens_computed_total", "ldserve_tokens_full_total",
+                 "ldserve_ideal_speedup_count", "ldserve_images_generated_total",
+                 "ldserve_request_duration_seconds_count"):
+        assert metric(after, name) > metric(before, name), name
+    assert metric(after, 'ldserve_jobs_total{status="succeeded"}') >= 1
+    assert 'ldserve_http_requests_total{method="POST",route="/generate",status="200"}' in after
+    assert 'ldserve_queue_depth{state="waiting"}' in after and 'ldserve_queue_depth{state="pending"}' in after
+    assert metric(after, "ldserve_workers_ready") == 1 and metric(after, "ldserve_realized_speedup_count") >= 1
+    assert 'ldserve_model_info{device="cpu",dtype="float32",model="tiny-2b"' in after
+    assert 'ldserve_kept_fraction_bucket{le="0.05",scale="6"}' in after
+    assert metric(after, "ldserve_requests_in_flight") == 0

@@ -1,0 +1,116 @@
+"""Split mode (`ldserve api` + `ldserve worker` processes): bounded queue, deadlines, crash recovery, drain."""
+
+from __future__ import annotations
+
+import signal
+import time
+import uuid
+from collections.abc import Iterator
+
+import httpx
+import pytest
+import redis
+
+from .conftest import AUTH, Proc, base_env, free_port, start, up, wait_for
+from .test_e2e import decode, metric
+
+
+@pytest.fixture(scope="module")
+def split(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    tmp = tmp_path_factory.mktemp("split")
+    prefix = f"split{uuid.uuid4().hex[:6]}"
+    common = {"api_keys": "", "max_queue_len": 3, "claim_idle_ms": 1500, "max_deliveries": 3, "max_batch_size": 4}
+    api = start("api", base_env(redis_url, prefix, **common), tmp, port=free_port())
+    wait_for(lambda: up(api.url), 30, "api up", api)
+    procs: list[Proc] = [api]
+
+    def worker() -> Proc:
+        port = free_port()
+        w = start("worker", base_env(redis_url, prefix, worker_metrics_port=port, **common), tmp)
+        w.port = port
+        procs.append(w)
+        return w
+
+    yield {"api": api, "worker": worker, "prefix": prefix, "tmp": tmp}
+    for p in procs:
+        p.stop()
+
+
+def submit(api: Proc, body: dict, headers: dict | None = None) -> httpx.Response:
+    return httpx.post(f"{api.url}/generate", json=body, headers={"Prefer": "respond-async", **(headers or {})},
+                      timeout=30)
+
+
+def job(api: Proc, job_id: str) -> dict:
+    return httpx.get(f"{api.url}/v1/jobs/{job_id}", headers=AUTH, timeout=30).json()
+
+
+def wait_status(api: Proc, job_id: str, statuses: tuple[str, ...], timeout: float = 90) -> dict:
+    out: dict = {}
+
+    def check() -> bool:
+        out.update(job(api, job_id))
+        return out["status"] in statuses
+
+    wait_for(check, timeout, f"job {job_id} in {statuses}", interval=0.05)
+    return out
+
+
+def test_not_ready_without_worker_then_429_on_full_queue(split: dict) -> None:
+    api = split["api"]
+    assert httpx.get(f"{api.url}/health/ready").status_code == 503
+    ids = [submit(api, {"prompt": f"q{i}"}).json()["id"] for i in range(3)]
+    r = submit(api, {"prompt": "one too many"})
+    assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+    assert r.json()["error"]["code"] == "queue_full"
+    depth = httpx.get(f"{api.url}/metrics").text
+    assert metric(depth, 'ldserve_queue_depth{state="waiting"}') == 3
+    for i in ids:  # canceled jobs are dropped by the worker before the GPU
+        assert httpx.post(f"{api.url}/v1/jobs/{i}/cancel").json()["status"] == "canceled"
+
+
+def test_deadline_expiry_before_the_gpu(split: dict, rclient: redis.Redis) -> None:
+    api = split["api"]
+    j = submit(api, {"prompt": "late"}, {"Cancel-After": "200ms"}).json()
+    time.sleep(0.4)
+    w = split["worker"]()
+    split["w1"] = w
+    wait_for(lambda: httpx.get(f"{api.url}/health/ready").status_code == 200, 120, "worker ready", w)
+    done = wait_status(api, j["id"], ("expired", "succeeded", "failed"))
+    assert done["status"] == "expired" and done["started_at"] is None
+    assert done["error"]["code"] == "deadline_exceeded"
+    assert rclient.xlen(f"{split['prefix']}:jobs") == 0  # canceled + expired entries acked and deleted
+    wm = httpx.get(f"http://127.0.0.1:{w.port}/metrics").text
+    assert metric(wm, 'ldserve_jobs_total{status="expired"}') == 1
+    assert metric(wm, "ldserve_batch_size_count") == 0  # nothing reached the GPU
+
+
+def test_sigkill_mid_job_is_reclaimed_by_another_worker(split: dict) -> None:
+    api, w1 = split["api"], split["w1"]
+    j = submit(api, {"prompt": "crash", "resolution": 512, "seed": 9}).json()
+    wait_status(api, j["id"], ("processing",), timeout=30)
+    w1.signal(signal.SIGKILL)
+    w1.proc.wait()
+    w2 = split["worker"]()
+    split["w2"] = w2
+    done = wait_status(api, j["id"], ("succeeded", "failed"), timeout=120)
+    assert done["status"] == "succeeded" and done["seeds"] == [9]
+    assert decode(done["output"][0]["b64_json"]).size == (512, 512)
+    wm = httpx.get(f"http://127.0.0.1:{w2.port}/metrics").text
+    assert metric(wm, "ldserve_redeliveries_total") == 1
+
+
+def test_sigterm_drains_without_losing_jobs(split: dict, rclient: redis.Redis) -> None:
+    api, w2 = split["api"], split["w2"]
+    wait_for(lambda: httpx.get(f"{api.url}/health/ready").status_code == 200, 60, "w2 ready", w2)
+    ids = [submit(api, {"prompt": f"drain {i}", "resolution": 512}).json()["id"] for i in range(3)]
+    wait_status(api, ids[0], ("processing",), timeout=30)
+    w2.signal(signal.SIGTERM)
+    assert w2.proc.wait(120) == 0, w2.logs()
+    statuses = [job(api, i)["status"] for i in ids]
+    assert statuses[0] == "succeeded" and set(statuses) <= {"succeeded", "queued"}, statuses
+    info = rclient.xpending(f"{split['prefix']}:jobs", "workers")
+    assert info["pending"] == 0  # nothing stranded in the drained worker's PEL
+    assert rclient.xlen(f"{split['prefix']}:jobs") == statuses.count("queued")
+    for i in ids:  # leave the queue empty
+        httpx.post(f"{api.url}/v1/jobs/{i}/cancel")

@@ -1,0 +1,112 @@
+"""Pure functions, settings, torch-freeness of the API and dead-lettering (real Redis, no engine)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import uuid
+
+import pytest
+import redis
+from prometheus_client import CollectorRegistry
+from pydantic import ValidationError
+
+from service.batching import Held, select_batch, should_dispatch
+from service.keys import Keys
+from service.metrics import WorkerMetrics
+from service.settings import ServiceSettings
+from service.sizing import SizeError, resolve_size
+from service.spec import JobSpec
+from service.worker import Worker
+from service.worker_queue import Entry, WorkerQueue
+
+from .conftest import ROOT
+
+
+def spec(n: int = 1, pn: str = "0.06M", h_div_w: float = 1.0) -> JobSpec:
+    return JobSpec(prompt="p", seeds=list(range(n)), h_div_w=h_div_w, pn=pn, width=256, height=256, cfg=3, tau=1,
+                   top_k=900, top_p=0.97, pruning=None, pruning_label="off")
+
+
+def held(created: int, **kw: object) -> Held:
+    return Held(Entry(f"{created}-0", uuid.uuid4().hex, claimed_at=float(created), created_ms=created), spec(**kw))
+
+
+def test_sizing_table_matches_model_loader() -> None:
+    from model_loader.schedules import TEMPLATES, scale_schedule
+    from service.sizing import TEMPLATES as MIRROR
+
+    assert set(MIRROR) == set(TEMPLATES)
+    for t in TEMPLATES:
+        for pn in ("1M", "0.25M", "0.06M"):
+            assert MIRROR[t][pn] == scale_schedule(t, pn)[-1]
+
+
+def test_resolve_size() -> None:
+    r = resolve_size(width=1024, height=576, aspect_ratio=None, resolution=None, default_resolution=256, tiny=False)
+    assert (r.pn, r.h_div_w) == ("1M", 0.571) and r.width > r.height
+    r = resolve_size(width=None, height=None, aspect_ratio="1:2", resolution=512, default_resolution=256, tiny=False)
+    assert (r.pn, r.h_div_w, r.height) == ("0.25M", 2.0, 46 * 16)
+    r = resolve_size(width=None, height=None, aspect_ratio=None, resolution=None, default_resolution=256, tiny=True)
+    assert (r.width, r.height, r.pn) == (256, 256, "0.06M")
+    for kw in ({"width": 256, "height": 256, "resolution": None, "tiny": False},  # 256 only for tiny models
+               {"width": 300, "height": None, "resolution": None, "tiny": True},
+               {"width": None, "height": None, "resolution": 256, "tiny": False}):
+        with pytest.raises(SizeError):
+            resolve_size(aspect_ratio=None, default_resolution=256, **kw)  # type: ignore[arg-type]
+
+
+def test_batching_fifo_by_key_and_max_wait() -> None:
+    a, b, c, d = held(1), held(2, pn="0.25M"), held(3, n=2), held(4, n=2)
+    batch, rest = select_batch([d, c, b, a], max_images=4)
+    assert batch == [a, c] and set(map(id, rest)) == {id(b), id(d)}
+    assert should_dispatch([a, c, d], max_images=4, max_wait_s=10, now=1.0)  # full
+    assert not should_dispatch([a], max_images=4, max_wait_s=0.5, now=1.2)
+    assert should_dispatch([a], max_images=4, max_wait_s=0.5, now=1.6)  # waited long enough
+    assert not should_dispatch([a, b], max_images=4, max_wait_s=10, now=1.0)  # another key does not fill it
+    assert should_dispatch([c, d, held(5)], max_images=4, max_wait_s=10, now=3.0)  # same-key overflow: full
+    big, _ = select_batch([held(1, n=4), held(2, n=4)], max_images=2)
+    assert len(big) == 1  # the oldest job always runs, even above the limit
+
+
+def test_settings_fail_fast(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LDSERVE_API_KEYS", "k" * 20 + ", " + "j" * 20)
+    s = ServiceSettings()
+    assert len(s.api_key_hashes) == 2 and "k" * 20 not in s.api_key_hashes
+    for bad in ({"model_preset": "nope"}, {"default_pruning": "turbo"}, {"api_keys": "short"},
+                {"cors_origins": "*"}, {"max_batch_size": 2, "max_n": 4}, {"transformer_path": "/x"}):
+        with pytest.raises(ValidationError):
+            ServiceSettings(**bad)  # type: ignore[arg-type]
+
+
+def test_api_process_never_imports_torch() -> None:
+    code = ("import sys; from service.main import create_app; from service.settings import ServiceSettings;"
+            "from service.cli import main; "
+            "create_app(ServiceSettings(redis_url='redis://127.0.0.1:1')).openapi();"
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+def test_dead_letter_after_max_deliveries(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    settings = ServiceSettings(redis_url=redis_url, key_prefix=f"dl{uuid.uuid4().hex[:6]}", claim_idle_ms=100,
+                               max_deliveries=2)
+    keys = Keys(settings.key_prefix)
+    q = WorkerQueue(client, keys, job_ttl_s=60)
+    q.ensure_group()
+    client.hset(keys.job("j1"), mapping={"status": "queued", "created_ms": 1, "spec": spec().model_dump_json()})
+    client.xadd(keys.stream, {"job_id": "j1", "deadline_ms": 0})
+    assert [e.job_id for e in q.read_new("dead-1", 10, None)] == ["j1"]
+    client.xclaim(keys.stream, keys.group, "dead-2", 0, [client.xpending_range(keys.stream, keys.group, "-", "+", 1)[
+        0]["message_id"]])  # a second worker took it and died too
+    worker = Worker(settings, client, WorkerMetrics(CollectorRegistry()), consumer="rescuer")
+    import time
+
+    time.sleep(0.15)
+    worker._recover()
+    assert client.hget(keys.job("j1"), "status") == b"failed"
+    err = json.loads(client.hget(keys.job("j1"), "error"))
+    assert err["code"] == "dead_lettered" and "deliveries" in err["message"]
+    assert client.xlen(keys.dlq) == 1 and client.xpending(keys.stream, keys.group)["pending"] == 0
+    assert worker.metrics.dead_letters._value.get() == 1
