@@ -1,11 +1,20 @@
-"""Our implementation of Infinity (bitwise VAR transformer, BSQ VAE, T5 text path)."""
+"""Our implementation of Infinity (bitwise VAR transformer, BSQ VAE, T5 text path).
 
-from .configs import PRESETS, ModelPreset, TransformerConfig, VAEConfig, get_preset
-from .text_cond import TextCond
-from .transformer import InfinityTransformer, build_transformer
-from .vae import BSQVAE, build_vae
+Submodules that need torch are imported lazily, so torch-free processes (the HTTP API) can
+use ``model_loader.configs`` and ``model_loader.schedules``.
+"""
 
-__all__ = [
-    "PRESETS", "ModelPreset", "TransformerConfig", "VAEConfig", "get_preset", "TextCond",
-    "InfinityTransformer", "build_transformer", "BSQVAE", "build_vae",
-]
+from importlib import import_module
+
+_EXPORTS = {
+    "PRESETS": "configs", "ModelPreset": "configs", "TransformerConfig": "configs", "VAEConfig": "configs",
+    "get_preset": "configs", "TextCond": "text_cond", "InfinityTransformer": "transformer",
+    "build_transformer": "transformer", "BSQVAE": "vae", "build_vae": "vae",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

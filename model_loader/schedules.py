@@ -8,8 +8,10 @@ The last grid of the "1M" list is the RoPE reference grid of the template, whate
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # the API process uses the tables and must not import torch
+    import torch
 
 # Templates listed by h/w >= 1; the inverse ratios are the transposed grids (see _ALL_TEMPLATES).
 _BASE_GRIDS: dict[float, tuple[tuple[int, int], ...]] = {
@@ -46,6 +48,8 @@ TEMPLATES: dict[float, tuple[tuple[int, int], ...]] = _all_templates()
 
 # Number of scales per resolution key (pn).
 PN_NUM_SCALES: dict[str, int] = {"0.06M": 7, "0.25M": 10, "0.60M": 12, "1M": 13}
+# Square-image side in pixels of the resolution keys the service offers.
+PN_BY_RESOLUTION: dict[int, str] = {1024: "1M", 512: "0.25M", 256: "0.06M"}
 
 VAE_STRIDE = 16  # pixels per token side (the 8B's 8-pixel VAE doubles its latent grid but not the tokens)
 ROPE_TABLE_SIDE = 2048 // 16  # positions are capped by a 128 x 128 table
@@ -90,6 +94,8 @@ def rope_positions(grids: tuple[tuple[int, int], ...]) -> torch.Tensor:
     row = round(i * H1M / h), col = round(j * W1M / w), with the product in float32 and
     round-half-to-even, exactly as the official table is built. Returns int64 (sum h*w, 2).
     """
+    import torch
+
     ref_h, ref_w = TEMPLATES[template_of_schedule(grids)][-1]
     out = []
     for h, w in grids:
@@ -99,6 +105,11 @@ def rope_positions(grids: tuple[tuple[int, int], ...]) -> torch.Tensor:
     pos = torch.cat(out)
     assert int(pos.max()) < ROPE_TABLE_SIDE
     return pos
+
+
+def final_grid(h_div_w_template: float, pn: str) -> tuple[int, int]:
+    """Last token grid (h, w) of a template at a resolution key."""
+    return scale_schedule(h_div_w_template, pn)[-1]
 
 
 def scale_offsets(grids: tuple[tuple[int, int], ...]) -> list[int]:

@@ -1,13 +1,21 @@
-"""LD-Pruning engine: the batched, per-sample generation loop, policies and statistics."""
+"""LD-Pruning engine: the batched, per-sample generation loop, policies and statistics.
 
-from .config import PRESETS, PruningConfig, get_pruning_preset, pruning_config
-from .engine import Engine, ImageRequest, ImageResult, grids_for
-from .loop import LoopOutput, generate
-from .policy import FastVARStyle, LDPruning, NoPruning, PruningPolicy, SkipVARStyle, make_policy
-from .stats import SampleStats, ScaleStats
+Imports are lazy so that torch-free processes (the HTTP API) can use ``pruning.config``.
+"""
 
-__all__ = [
-    "PRESETS", "PruningConfig", "get_pruning_preset", "pruning_config", "Engine", "ImageRequest",
-    "ImageResult", "grids_for", "LoopOutput", "generate", "FastVARStyle", "LDPruning", "NoPruning",
-    "PruningPolicy", "SkipVARStyle", "make_policy", "SampleStats", "ScaleStats",
-]
+from importlib import import_module
+
+_EXPORTS = {
+    "PRESETS": "config", "PruningConfig": "config", "get_pruning_preset": "config", "pruning_config": "config",
+    "Engine": "engine", "ImageRequest": "engine", "ImageResult": "engine", "grids_for": "engine",
+    "LoopOutput": "loop", "generate": "loop", "FastVARStyle": "policy", "LDPruning": "policy",
+    "NoPruning": "policy", "PruningPolicy": "policy", "SkipVARStyle": "policy", "make_policy": "policy",
+    "SampleStats": "stats", "ScaleStats": "stats",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

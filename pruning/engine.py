@@ -28,8 +28,6 @@ from .stats import SampleStats
 
 log = logging.getLogger(__name__)
 
-PN_BY_RESOLUTION = {1024: "1M", 512: "0.25M", 256: "0.06M"}
-
 
 @dataclass(frozen=True)
 class ImageRequest:

@@ -85,12 +85,13 @@ class ServiceSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_names(self) -> ServiceSettings:
-        from .torchfree import model_presets, pruning_presets
+        from model_loader.configs import PRESETS as model_presets
+        from pruning.config import PRESETS as pruning_presets
 
-        if self.model_preset not in model_presets():
-            raise ValueError(f"model_preset: unknown {self.model_preset!r}; known: {sorted(model_presets())}")
-        if self.default_pruning not in pruning_presets():
-            raise ValueError(f"default_pruning: unknown {self.default_pruning!r}; known: {sorted(pruning_presets())}")
+        if self.model_preset not in model_presets:
+            raise ValueError(f"model_preset: unknown {self.model_preset!r}; known: {sorted(model_presets)}")
+        if self.default_pruning not in pruning_presets:
+            raise ValueError(f"default_pruning: unknown {self.default_pruning!r}; known: {sorted(pruning_presets)}")
         if (self.transformer_path is None) != (self.vae_path is None):
             raise ValueError("transformer_path and vae_path: give both or neither (random weights)")
         if self.max_batch_size < self.max_n:

@@ -1,8 +1,4 @@
-"""Requested size -> official aspect template and resolution key (torch-free mirror).
-
-The template table mirrors ``model_loader.schedules`` (final grid per template and the
-number of scales per pn); ``tests/service/test_sizing.py`` asserts they agree.
-"""
+"""Requested size -> official aspect template and resolution key (model_loader.schedules, torch-free)."""
 
 from __future__ import annotations
 
@@ -10,32 +6,9 @@ import math
 import re
 from dataclasses import dataclass
 
-# h/w >= 1 templates: final "1M" grid (h, w) and the grids used at 0.25M (index 9) and 0.06M (index 6)
-_BASE: dict[float, dict[str, tuple[int, int]]] = {
-    1.000: {"1M": (64, 64), "0.25M": (32, 32), "0.06M": (16, 16)},
-    1.250: {"1M": (70, 56), "0.25M": (35, 28), "0.06M": (20, 16)},
-    1.333: {"1M": (72, 54), "0.25M": (36, 27), "0.06M": (20, 15)},
-    1.500: {"1M": (78, 52), "0.25M": (39, 26), "0.06M": (21, 14)},
-    1.750: {"1M": (84, 48), "0.25M": (42, 24), "0.06M": (21, 12)},
-    2.000: {"1M": (90, 45), "0.25M": (46, 23), "0.06M": (22, 11)},
-    2.500: {"1M": (100, 40), "0.25M": (50, 20), "0.06M": (25, 10)},
-    3.000: {"1M": (111, 37), "0.25M": (54, 18), "0.06M": (27, 9)},
-}
-VAE_STRIDE = 16
-PN_BY_RESOLUTION = {1024: "1M", 512: "0.25M", 256: "0.06M"}
+from model_loader.schedules import PN_BY_RESOLUTION, VAE_STRIDE, final_grid, nearest_template
+
 RESOLUTION_BY_PN = {v: k for k, v in PN_BY_RESOLUTION.items()}
-
-
-def _templates() -> dict[float, dict[str, tuple[int, int]]]:
-    out: dict[float, dict[str, tuple[int, int]]] = {}
-    for ratio, grids in _BASE.items():
-        out[ratio] = grids
-        if ratio != 1.0:
-            out[int(1 / ratio * 1000) / 1000] = {pn: (w, h) for pn, (h, w) in grids.items()}
-    return out
-
-
-TEMPLATES = _templates()
 
 
 class SizeError(ValueError):
@@ -53,10 +26,6 @@ class ResolvedSize:
     height: int
 
 
-def nearest_template(h_div_w: float) -> float:
-    return min(TEMPLATES, key=lambda t: abs(t - h_div_w))
-
-
 def allowed_resolutions(tiny: bool) -> tuple[int, ...]:
     return (256, 512, 1024) if tiny else (512, 1024)
 
@@ -64,7 +33,7 @@ def allowed_resolutions(tiny: bool) -> tuple[int, ...]:
 def _resolved(h_div_w: float, resolution: int) -> ResolvedSize:
     template = nearest_template(h_div_w)
     pn = PN_BY_RESOLUTION[resolution]
-    h, w = TEMPLATES[template][pn]
+    h, w = final_grid(template, pn)
     return ResolvedSize(template, pn, w * VAE_STRIDE, h * VAE_STRIDE)
 
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 import secrets
 from typing import Any
 
+from model_loader.configs import PRESETS as MODEL_PRESETS
+from pruning.config import pruning_config
+
 from ..imaging import b64, encode
 from ..queue import Job
 from ..settings import ServiceSettings
 from ..sizing import RESOLUTION_BY_PN, SizeError, parse_openai_size, resolve_size
 from ..spec import JobSpec
-from ..torchfree import model_presets, validate_pruning
 from .errors import ApiError
 from .schemas import GenerateRequest, OpenAIImageRequest, PruningOptions
 
@@ -37,7 +39,7 @@ def resolve_pruning(value: str | PruningOptions | None, s: ServiceSettings) -> t
         overrides = value.model_dump(exclude_none=True, exclude={"preset"})
         label = preset if not overrides else "custom"
     try:
-        cfg = validate_pruning(preset, overrides)
+        cfg = pruning_config(preset, **overrides).to_dict()
     except (ValueError, TypeError) as e:
         msg = str(e)
         field = msg.split(":")[0].removeprefix("pruning.") if msg.startswith("pruning.") else None
@@ -55,7 +57,7 @@ def _seeds(seed: int | None, n: int) -> list[int]:
 
 
 def _size(s: ServiceSettings, **kw: Any) -> Any:
-    preset = model_presets()[s.model_preset]
+    preset = MODEL_PRESETS[s.model_preset]
     try:
         return resolve_size(default_resolution=RESOLUTION_BY_PN[preset.pn], tiny=preset.text_encoder == "tiny-t5",
                             **kw)
@@ -67,7 +69,7 @@ def spec_from_generate(req: GenerateRequest, s: ServiceSettings) -> JobSpec:
     _check_limits(req.prompt, req.negative_prompt, req.n, s)
     size = _size(s, width=req.width, height=req.height, aspect_ratio=req.aspect_ratio, resolution=req.resolution)
     pruning, label = resolve_pruning(req.pruning, s)
-    d = model_presets()[s.model_preset].sampling
+    d = MODEL_PRESETS[s.model_preset].sampling
     return JobSpec(prompt=req.prompt, negative_prompt=req.negative_prompt or None, seeds=_seeds(req.seed, req.n),
                    h_div_w=size.h_div_w, pn=size.pn, width=size.width, height=size.height,
                    cfg=d.cfg if req.guidance_scale is None else req.guidance_scale,
@@ -93,7 +95,7 @@ def spec_from_openai(req: OpenAIImageRequest, s: ServiceSettings) -> JobSpec:
         raise ApiError(400, str(e), param="size", code="invalid_size") from None
     size = _size(s, width=width, height=height, aspect_ratio=None, resolution=None)
     pruning, label = resolve_pruning(req.pruning, s)
-    d = model_presets()[s.model_preset].sampling
+    d = MODEL_PRESETS[s.model_preset].sampling
     fmt = req.output_format or "png"
     return JobSpec(prompt=req.prompt, negative_prompt=req.negative_prompt or None, seeds=_seeds(req.seed, req.n),
                    h_div_w=size.h_div_w, pn=size.pn, width=size.width, height=size.height,

@@ -33,16 +33,6 @@ def held(created: int, **kw: object) -> Held:
     return Held(Entry(f"{created}-0", uuid.uuid4().hex, claimed_at=float(created), created_ms=created), spec(**kw))
 
 
-def test_sizing_table_matches_model_loader() -> None:
-    from model_loader.schedules import TEMPLATES, scale_schedule
-    from service.sizing import TEMPLATES as MIRROR
-
-    assert set(MIRROR) == set(TEMPLATES)
-    for t in TEMPLATES:
-        for pn in ("1M", "0.25M", "0.06M"):
-            assert MIRROR[t][pn] == scale_schedule(t, pn)[-1]
-
-
 def test_resolve_size() -> None:
     r = resolve_size(width=1024, height=576, aspect_ratio=None, resolution=None, default_resolution=256, tiny=False)
     assert (r.pn, r.h_div_w) == ("1M", 0.571) and r.width > r.height
