@@ -1,0 +1,1 @@
+"""Demo model: procedural text-to-image data, attribute checker, small-Infinity training, the demo preset."""

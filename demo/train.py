@@ -1,0 +1,60 @@
+"""CLI: ``python -m demo.train vae|transformer --out DIR --steps N [...]`` (see demo/README.md for the recipe)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from .train_common import TrainArgs
+
+DEFAULTS = {"vae": {"lr": 5e-4, "batch_size": 4}, "transformer": {"lr": 5e-4, "batch_size": 8}}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m demo.train", description=__doc__)
+    p.add_argument("what", choices=("vae", "transformer"))
+    p.add_argument("--out", type=Path, required=True, help="weights folder (the demo preset's layout)")
+    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-seed", type=int, default=0)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--save-every", type=int, default=0, help="also save every N steps (0: only at the end)")
+    p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
+    g = p.add_argument_group("vae")
+    g.add_argument("--crop", type=int, default=256, help="random square crops (128: a cheaper first phase)")
+    g.add_argument("--beta", type=float, default=0.1, help="commitment weight")
+    g.add_argument("--init", type=Path, help="continue from this vae.safetensors")
+    g = p.add_argument_group("transformer")
+    g.add_argument("--vae", type=Path, help="trained vae.safetensors (default: <out>/vae.safetensors)")
+    g.add_argument("--cond-drop", type=float, default=0.1, help="probability of the unconditional text")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    torch.set_num_threads(a.threads)
+    d = DEFAULTS[a.what]
+    args = TrainArgs(out=a.out, steps=a.steps, batch_size=a.batch_size or d["batch_size"], lr=a.lr or d["lr"],
+                     seed=a.seed, data_seed=a.data_seed, weight_decay=a.weight_decay, grad_clip=a.grad_clip,
+                     log_every=a.log_every, save_every=a.save_every)
+    if a.what == "vae":
+        from .train_vae import train_vae
+
+        train_vae(args, crop=a.crop, beta=a.beta, init=str(a.init) if a.init else None)
+    else:
+        from .train_transformer import train_transformer
+
+        train_transformer(args, a.vae or a.out / "vae.safetensors", cond_drop=a.cond_drop)
+
+
+if __name__ == "__main__":
+    main()

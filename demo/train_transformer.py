@@ -1,0 +1,145 @@
+"""Train the demo Infinity transformer: bitwise cross-entropy with teacher forcing on all 7 scales.
+
+Labels are the bits of the frozen VAE's multi-scale quantizer. The input of scale k (k >= 1) is
+built exactly as ``model_loader.generate`` builds it from sampled bits: the codes of scales
+< k summed at the final grid (each upsampled bilinearly), resized to grid k by
+``next_scale_input``. The text goes through the frozen demo tiny T5; with probability
+``cond_drop`` a row's text is replaced by the model's learned ``cfg_uncond`` rows (what the
+unconditional branch of classifier-free guidance feeds), so guidance works at inference.
+No bitwise self-correction (label noise) yet.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model_loader.checkpoint_io import read_safetensors
+from model_loader.configs import TransformerConfig, VAEConfig
+from model_loader.generate import next_scale_input
+from model_loader.layers import rope_tables
+from model_loader.schedules import rope_positions
+from model_loader.text_cond import TextCond
+from model_loader.text_encoder import T5TextEncoder
+from model_loader.transformer import InfinityTransformer
+from model_loader.vae import BSQVAE, bits_to_codes, resize_codes, vae_bits_to_tokens
+
+from .preset import DEMO_PRESET, build_demo_text_encoder
+from .train_common import RunLog, TrainArgs, make_optimizer, optimizer_step, save_run, seed_everything, train_batch
+from .train_vae import SCHEDULE
+
+logger = logging.getLogger(__name__)
+
+
+def load_frozen_vae(path: str | Path, cfg: VAEConfig) -> BSQVAE:
+    vae = BSQVAE(cfg)
+    vae.load_state_dict(read_safetensors(Path(path)))
+    return vae.eval().requires_grad_(False)
+
+
+def demo_text_encoder(folder: Path, max_length: int) -> T5TextEncoder:
+    """The demo tiny T5 from ``folder``, built there first if absent."""
+    if not (folder / "config.json").is_file():
+        build_demo_text_encoder(folder)
+    return T5TextEncoder(folder, device="cpu", dtype=torch.float32, max_length=max_length, pad_to_max_length=False)
+
+
+@torch.no_grad()
+def init_for_training_(tf: InfinityTransformer, seed: int) -> InfinityTransformer:
+    """Seeded init: linear/embedding weights N(0, 1/(3C)) (trunc at 2 std), zero biases, small head.
+
+    The attention log-scales, norm weights and ``ada_gss`` keep their constructor values.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    std = math.sqrt(1.0 / (3 * tf.cfg.embed_dim))
+
+    def normal_(p: torch.Tensor, s: float) -> None:
+        p.copy_((torch.randn(p.shape, generator=gen) * s).clamp(-2 * s, 2 * s))
+
+    for m in tf.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            normal_(m.weight, std)
+            if getattr(m, "bias", None) is not None:
+                m.bias.zero_()
+    for name in ("pos_start", "cfg_uncond"):
+        normal_(getattr(tf, name), std if name == "pos_start" else 1.0)
+    normal_(tf.text_proj_for_sos.ca.mat_q, std)
+    tf.head.weight.mul_(0.1)
+    return tf
+
+
+def build_transformer_for_training(cfg: TransformerConfig, seed: int) -> InfinityTransformer:
+    return init_for_training_(InfinityTransformer(cfg), seed).train()
+
+
+@torch.no_grad()
+def teacher_forcing_batch(vae: BSQVAE, img_B3HW: torch.Tensor, grids) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs of scales 1..K-1 (B, L - 1, D) float32, bit labels of all scales (B, L, D) int64)."""
+    z_BDhw = vae.encode(img_B3HW)
+    _, bits = vae.quantize_multiscale(z_BDhw, list(grids))
+    labels_BLD = torch.cat([vae_bits_to_tokens(b_BhwD, False) for b_BhwD in bits], dim=1).long()
+    final = tuple(grids[-1])
+    summed_BDhw = torch.zeros_like(z_BDhw)
+    feats = []
+    for si in range(len(grids) - 1):
+        summed_BDhw += resize_codes(bits_to_codes(bits[si]), final)
+        feats.append(next_scale_input(summed_BDhw, grids[si + 1], 1, False))
+    return torch.cat(feats, dim=1), labels_BLD
+
+
+def drop_text(tf: InfinityTransformer, text: TextCond, drop_B: torch.Tensor) -> TextCond:
+    """Rows where ``drop_B`` is set get the learned unconditional text (keeping their length)."""
+    unc = tf.uncond_text(text.lens_B).features_BTC
+    feats = torch.where(drop_B[:, None, None], unc, text.features_BTC)
+    return TextCond(feats, text.lens_B)
+
+
+def bitwise_loss(logits_BLV: torch.Tensor, labels_BLD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy over every bit of every token, and the per-token bit accuracy (B, L)."""
+    logits_BLD2 = logits_BLV.view(*labels_BLD.shape, 2)
+    loss = F.cross_entropy(logits_BLD2.reshape(-1, 2), labels_BLD.reshape(-1))
+    acc_BL = (logits_BLD2.argmax(-1) == labels_BLD).float().mean(-1)
+    return loss, acc_BL
+
+
+def train_transformer(args: TrainArgs, vae_path: str | Path, *, cfg: TransformerConfig = DEMO_PRESET.transformer,
+                      vae_cfg: VAEConfig = DEMO_PRESET.vae, cond_drop: float = 0.1,
+                      text_encoder_dir: Path | None = None) -> InfinityTransformer:
+    """Writes ``<out>/transformer.safetensors``, ``transformer.json`` and ``<out>/text_encoder/``."""
+    seed_everything(args.seed)
+    grids = SCHEDULE
+    vae = load_frozen_vae(vae_path, vae_cfg)
+    enc = demo_text_encoder(text_encoder_dir or args.out / "text_encoder", cfg.text_maxlen)
+    if enc.d_model != cfg.text_channels:
+        raise ValueError(f"text encoder d_model {enc.d_model} != text_channels {cfg.text_channels}")
+    tf = build_transformer_for_training(cfg, args.seed)
+    rope = rope_tables(cfg.head_dim, rope_positions(tuple(grids)))
+    sizes = [h * w for h, w in grids]
+    args = replace(args, extra={**args.extra, "vae": str(vae_path), "cond_drop": cond_drop})
+    opt = make_optimizer(tf, args.lr, args.weight_decay)
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    log = RunLog(args)
+    logger.info("transformer %s: %.2fM parameters, %d tokens per image", cfg,
+                sum(p.numel() for p in tf.parameters()) / 1e6, sum(sizes))
+    for step in range(args.steps):
+        img_B3HW, captions = train_batch(step, args.batch_size, args.data_seed)
+        x_BLd, labels_BLD = teacher_forcing_batch(vae, img_B3HW, grids)
+        drop_B = torch.rand(len(captions), generator=gen) < cond_drop
+        text = drop_text(tf, enc.encode(captions), drop_B)
+        logits_BLV = tf.forward_train(text, x_BLd, grids, rope)
+        loss, acc_BL = bitwise_loss(logits_BLV, labels_BLD)
+        vals = {"loss": loss.item()}
+        vals.update({f"acc{si}": float(a.mean()) for si, a in enumerate(acc_BL.split(sizes, dim=1))})
+        vals["grad_norm"] = optimizer_step(tf, opt, loss, step, args)
+        log.record(step, **vals)
+        if args.save_every and step and step % args.save_every == 0:
+            save_run(tf, args.out, "transformer", cfg, args, log)
+    tf.eval()
+    save_run(tf, args.out, "transformer", cfg, args, log)
+    return tf

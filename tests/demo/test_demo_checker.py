@@ -1,0 +1,35 @@
+"""demo.checker reads the generator's own images back, and fails on corrupted ones."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+
+from demo.checker import mean_scores, score
+from demo.dataset import COLOURS, PALETTE, make_split
+
+
+def test_generator_images_score_high() -> None:
+    samples = make_split(200, seed=11) + make_split(40, seed=11, split="heldout")
+    m = mean_scores([s.image_HW3 for s in samples], [s.attributes for s in samples])
+    assert m["adherence"] >= 0.95 and m["all_correct"] >= 0.9
+
+
+def test_corrupted_images_score_low() -> None:
+    samples = make_split(40, seed=12)
+    blank = [score(np.full_like(s.image_HW3, 128), s.attributes)["adherence"] for s in samples]
+    assert np.mean(blank) < 0.2
+    for s in samples:  # the right background and no shapes: only the background attribute holds
+        plain = np.zeros_like(s.image_HW3) + np.asarray(PALETTE[s.attributes.background], np.uint8)
+        r = score(plain, s.attributes)
+        assert r["checks"]["background"] and r["adherence"] == 1 / len(r["checks"])
+    swapped = []
+    for s in samples:  # the same image judged against a caption with every colour changed
+        wrong = tuple(replace(x, colour=next(c for c in COLOURS if c not in (x.colour, s.attributes.background)))
+                      for x in s.attributes.shapes)
+        swapped.append(score(s.image_HW3, replace(s.attributes, shapes=wrong)))
+        assert not any(v for k, v in swapped[-1]["checks"].items() if k.endswith(".colour"))
+    assert np.mean([r["all_correct"] for r in swapped]) == 0.0
+    shuffled = [score(a.image_HW3, b.attributes)["adherence"] for a, b in zip(samples, samples[1:], strict=False)]
+    assert np.mean(shuffled) < 0.6
