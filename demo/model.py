@@ -1,0 +1,33 @@
+"""Loading the demo model: shipped weights (bf16 safetensors in demo/weights) and its tiny T5."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from model_loader.text_encoder import default_cache_dir
+
+from .preset import DEMO_PRESET, build_demo_text_encoder, demo_file_paths, register_demo_preset
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+
+
+def demo_text_encoder_dir(weights_dir: Path) -> Path:
+    """The weights folder's text_encoder/ if present, else the deterministic build in the cache."""
+    shipped = demo_file_paths(weights_dir)["text_encoder"]
+    if (shipped / "config.json").is_file():
+        return shipped
+    folder = default_cache_dir() / "demo-t5"
+    if not (folder / "config.json").is_file():
+        build_demo_text_encoder(folder)
+    return folder
+
+
+def load_demo_engine(weights_dir: str | Path | None = None, device: str = "cpu"):
+    """An Engine on the demo model (float32: this CPU has no fast bf16 matmul)."""
+    from pruning.engine import Engine
+
+    root = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
+    register_demo_preset(root)
+    files = demo_file_paths(root)
+    return Engine.from_preset(DEMO_PRESET, transformer_path=files["transformer"], vae_path=files["vae"],
+                              text_encoder_path=demo_text_encoder_dir(root), device=device, dtype_policy="float32")
