@@ -16,9 +16,13 @@ from deploy_helpers import K8S, rendered_objects, require_module
 KUBERNETES_VERSION = "1.32.0"
 SKIPPED_KINDS = frozenset({"ScaledObject"})  # KEDA CRD: no schema in kubernetes-validate
 TARGETS = {"base": K8S / "base", "cpu": K8S / "overlays" / "cpu", "gpu": K8S / "overlays" / "gpu"}
-# Must match the service's Redis settings (stream key and consumer group).
-STREAM_KEY = "ldserve:jobs"
-CONSUMER_GROUP = "ldserve-workers"
+# The KEDA trigger must name the stream and consumer group the service really uses
+from service.keys import Keys  # noqa: E402
+from service.settings import ServiceSettings  # noqa: E402
+
+_KEYS = Keys(ServiceSettings.model_fields["key_prefix"].default)
+STREAM_KEY = _KEYS.stream
+CONSUMER_GROUP = _KEYS.group
 
 
 @pytest.fixture(scope="module", params=sorted(TARGETS))
