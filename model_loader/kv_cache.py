@@ -58,6 +58,16 @@ class ScaleLayout:
         row_T, col_T = packed_indices(lens, device)
         return ScaleLayout(n_rows=len(lens), lens=list(lens), dense=False, row_T=row_T, col_T=col_T)
 
+    def row_slices(self) -> list[tuple[slice, ...]]:
+        """Index of each row's tokens in a tensor laid out like x with heads first: (N|1, H, L|T, Dh)."""
+        if self.dense:
+            return [(slice(r, r + 1),) for r in range(self.n_rows)]
+        out, start = [], 0
+        for n in self.lens:
+            out.append((slice(0, 1), slice(None), slice(start, start + n)))
+            start += n
+        return out
+
     def cu_seqlens(self, device: torch.device) -> torch.Tensor:
         """int32 (N+1,) cumulative lengths, the varlen-kernel view of the packed layout."""
         out = torch.zeros(self.n_rows + 1, dtype=torch.int32, device=device)
@@ -107,6 +117,7 @@ class KVCache:
         self.lens_N = torch.zeros(n_rows, dtype=torch.long, device=device)
         self._lens = [0] * n_rows  # host copy: lengths decide shapes, so keep them off the device
         self._layout: ScaleLayout | None = None
+        self.mode = "slice"
         self._slot_T: torch.Tensor | None = None
         self._mask: torch.Tensor | None = None
 
@@ -115,7 +126,12 @@ class KVCache:
         return len(set(self._lens)) <= 1
 
     def begin_scale(self, layout: ScaleLayout) -> None:
-        """Fix where this scale's tokens go; every block then calls ``write_read`` once."""
+        """Fix where this scale's tokens go; every block then calls ``write_read`` or ``write_row``.
+
+        Modes: 'slice' (equal rows on an equal cache: one slice, no mask), 'masked' (a padded
+        rectangle: tokens scattered to each row's next slots, keys masked), 'rows' (packed or
+        unequal rows: each row written and attended on its own, the varlen-kernel equivalent).
+        """
         if layout.n_rows != self.n_rows:
             raise ValueError(f"layout has {layout.n_rows} rows, cache has {self.n_rows}")
         new_lens = [a + b for a, b in zip(self._lens, layout.lens, strict=True)]
@@ -124,24 +140,33 @@ class KVCache:
         self._layout = layout
         self._slot_T = None
         self._mask = None
-        if not (layout.uniform and self.uniform):
-            # rows end at different lengths: scatter each token to its row's next free slot
+        if layout.uniform and self.uniform:
+            self.mode = "slice"
+        elif layout.dense and not layout.uniform:
+            self.mode = "masked"
             device = self.lens_N.device
-            if layout.dense:
-                self._row_T, self._col_T = packed_indices(layout.lens, device)
-            else:
-                self._row_T, self._col_T = layout.row_T, layout.col_T
+            self._row_T, self._col_T = packed_indices(layout.lens, device)
             self._slot_T = self.lens_N[self._row_T] + self._col_T
             s_max = max(new_lens)
             new_lens_t = torch.tensor(new_lens, device=device)
             self._mask = (torch.arange(s_max, device=device)[None, :] < new_lens_t[:, None])[:, None, None, :]
+        else:
+            self.mode = "rows"
         self._new_lens = new_lens
+
+    def write_row(self, layer: int, row: int, k_1HLD: torch.Tensor, v_1HLD: torch.Tensor):
+        """'rows' mode: store one row's K/V after its cached tokens; return its (1, H, S_row, Dh) K and V."""
+        start = self._lens[row]
+        end = start + k_1HLD.shape[2]
+        self.k[layer][row, :, start:end] = k_1HLD[0]
+        self.v[layer][row, :, start:end] = v_1HLD[0]
+        return self.k[layer][row:row + 1, :, :end], self.v[layer][row:row + 1, :, :end]
 
     def write_read(self, layer: int, k_NHLD: torch.Tensor, v_NHLD: torch.Tensor):
         """Store this scale's K/V (padded view) and return (K, V, key_mask) over all cached tokens."""
         layout = self._layout
         k_buf, v_buf = self.k[layer], self.v[layer]
-        if self._slot_T is None:  # dense scale on a uniform cache: one slice
+        if self.mode == "slice":
             start = self._lens[0]
             end = start + layout.lens[0]
             k_buf[:, :, start:end] = k_NHLD

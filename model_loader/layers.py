@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from contextlib import AbstractContextManager
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -116,7 +117,7 @@ class SelfAttention(nn.Module):
         n, length, dim = x.shape
         bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
         qkv = F.linear(x, self.mat_qkv.weight, bias).view(n, length, 3, self.num_heads, self.head_dim)
-        q, k, v = ctx.layout.to_padded(qkv).permute(2, 0, 3, 1, 4).unbind(0)  # each (N, H, L, Dh)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (N, H, L, Dh), or (1, H, T, Dh) packed
         scale_mul = self.scale_mul_1H11.clamp_max(MAX_SCALE_MUL).exp()
         q = F.normalize(q, dim=-1, eps=1e-12).mul(scale_mul)
         k = F.normalize(k, dim=-1, eps=1e-12)
@@ -124,14 +125,31 @@ class SelfAttention(nn.Module):
             q, k = apply_rope(q, ctx.rope), apply_rope(k, ctx.rope)
         # SDPA runs in v's dtype (bf16 under autocast; the official autocast casts fp32 q/k to it)
         q, k = q.to(v.dtype), k.to(v.dtype)
-        if ctx.cache is not None:
-            k, v, mask = ctx.cache.write_read(layer, k, v)
-        else:
-            mask = ctx.mask
+        cache = ctx.cache
         with no_autocast(q):
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
-        o = ctx.layout.to_packed(o.transpose(1, 2).reshape(-1, ctx.layout.max_len, dim))
-        return self.proj(o)
+            if cache is not None and cache.mode == "rows":
+                o = varlen_attention(q, ctx.layout, lambda r, i: cache.write_row(layer, r, k[i], v[i]), 1.0)
+            else:
+                k, v, mask = cache.write_read(layer, k, v) if cache is not None else (k, v, ctx.mask)
+                o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
+        return self.proj(o.transpose(1, 2).reshape(n, length, dim))
+
+
+def varlen_attention(q: torch.Tensor, layout: ScaleLayout, keys_of_row, scale: float,
+                     attend=F.scaled_dot_product_attention) -> torch.Tensor:
+    """Each row's queries attend that row's keys only, without padding or masks.
+
+    q is laid out like x with heads first ((N, H, L, Dh) rectangle or (1, H, T, Dh) packed);
+    ``keys_of_row(r, idx)`` returns the keys and values row r attends, ``idx`` indexing the row's
+    tokens (e.g. its KV cache after writing k[idx], v[idx]). This is what a varlen flash kernel
+    computes in one launch on GPU.
+    """
+    outs = []
+    for r, idx in enumerate(layout.row_slices()):
+        kr, vr = keys_of_row(r, idx)
+        if layout.lens[r]:
+            outs.append(attend(q[idx], kr, vr, scale=scale))
+    return torch.cat(outs, dim=0 if layout.dense else 2)
 
 
 class CrossAttention(nn.Module):
@@ -161,13 +179,18 @@ class CrossAttention(nn.Module):
         k, v = kv.view(n, t, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         return k.to(torch.bfloat16), v.to(torch.bfloat16)
 
-    def forward(self, x: torch.Tensor, layout: ScaleLayout, text_kv: tuple, text_mask) -> torch.Tensor:
-        q = layout.to_padded(self.mat_q(x))
+    def forward(self, x: torch.Tensor, layout: ScaleLayout, text: TextKV) -> torch.Tensor:
+        q = self.mat_q(x)
         n, length, dim = q.shape
         q = q.view(n, length, self.num_heads, self.head_dim).transpose(1, 2).to(torch.bfloat16)
-        o = bf16_attention(q, text_kv[0], text_kv[1], text_mask, self.scale)
+        if layout.dense:
+            o = bf16_attention(q, text.k, text.v, text.mask, self.scale)
+        else:  # packed rows: each row's tokens attend its own text, sliced to its length
+            o = varlen_attention(q, layout, lambda r, _: (text.k[r:r + 1, :, :text.lens[r]],
+                                                          text.v[r:r + 1, :, :text.lens[r]]),
+                                 self.scale, attend=lambda qq, kk, vv, scale: bf16_attention(qq, kk, vv, None, scale))
         # .float() then proj: under autocast proj re-rounds to the same bf16 values
-        return self.proj(layout.to_packed(o.transpose(1, 2).reshape(n, length, dim)).float())
+        return self.proj(o.transpose(1, 2).reshape(n, length, dim).float())
 
     def pool(self, text_kv: tuple, text_mask) -> torch.Tensor:
         """Attentive pool: one learned query per head attends each row's text -> (N, D)."""
@@ -182,6 +205,15 @@ class TextAttentivePool(nn.Module):
     def __init__(self, text_channels: int, dim: int, num_heads: int) -> None:
         super().__init__()
         self.ca = CrossAttention(dim, text_channels, num_heads, for_attn_pool=True)
+
+
+class TextKV(NamedTuple):
+    """One block's cross-attention memory: K and V (N, H, Tt, Dh) bf16, key mask, text length per row."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    mask: torch.Tensor | None
+    lens: list[int]
 
 
 class SelfAttnContext:
@@ -210,11 +242,11 @@ class CrossAttnBlock(nn.Module):
         self.ca_norm = LayerNormFP32(dim, eps=eps)
 
     def forward(self, x: torch.Tensor, gss: torch.Tensor, sa_ctx: SelfAttnContext, layer: int,
-                text_kv: tuple, text_mask) -> torch.Tensor:
+                text: TextKV) -> torch.Tensor:
         with no_autocast(x):
             gamma1, gamma2, scale1, scale2, shift1, shift2 = (self.ada_gss + gss).unbind(2)
         x = x + self.sa(ada_layer_norm(x, scale1, shift1, self.eps), sa_ctx, layer).mul_(gamma1)
-        x = x + self.ca(self.ca_norm(x), sa_ctx.layout, text_kv, text_mask).float()
+        x = x + self.ca(self.ca_norm(x), sa_ctx.layout, text).float()
         x = x + self.ffn(ada_layer_norm(x, scale2, shift2, self.eps)).mul(gamma2)
         return x
 

@@ -24,6 +24,7 @@ from .layers import (
     RMSNorm,
     SelfAttnContext,
     TextAttentivePool,
+    TextKV,
     no_autocast,
 )
 from .text_cond import TextCond
@@ -41,12 +42,16 @@ class TextState:
     """Per block: cross-attention K and V of the text, (N, H, Tt, Dh) bf16."""
     text_mask: torch.Tensor | None
     """(N, 1, 1, Tt) bool, None when no row is padded."""
+    text_lens: list[int]
 
     def select_rows(self, rows: list[int]) -> TextState:
         idx = torch.tensor(rows, device=self.sos_ND.device)
         mask = None if self.text_mask is None else self.text_mask[idx]
         return TextState(self.sos_ND[idx], self.gss_N16C[idx],
-                         [(k[idx], v[idx]) for k, v in self.ca_kv], mask)
+                         [(k[idx], v[idx]) for k, v in self.ca_kv], mask, [self.text_lens[r] for r in rows])
+
+    def block_text(self, i: int) -> TextKV:
+        return TextKV(self.ca_kv[i][0], self.ca_kv[i][1], self.text_mask, self.text_lens)
 
 
 class InfinityTransformer(nn.Module):
@@ -93,7 +98,7 @@ class InfinityTransformer(nn.Module):
         with no_autocast(sos):
             gss = self.shared_ada_lin(sos.float()).float().reshape(-1, 1, 6, self.cfg.embed_dim)
         ca_kv = [blk.ca.project_kv(ca_src) for blk in self.blocks]
-        return TextState(sos, gss, ca_kv, mask)
+        return TextState(sos, gss, ca_kv, mask, text.lens_B.tolist())
 
     def start_tokens(self, sos_ND: torch.Tensor) -> torch.Tensor:
         """Scale-0 input: pooled text plus the learned start position, (N, 1, C)."""
@@ -121,7 +126,7 @@ class InfinityTransformer(nn.Module):
         if cache is not None:
             cache.begin_scale(layout)
         for i, blk in enumerate(self.blocks):
-            x = blk(x, gss, sa_ctx, i, text.ca_kv[i], text.text_mask)
+            x = blk(x, gss, sa_ctx, i, text.block_text(i))
         if cache is not None:
             cache.end_scale()
         return x

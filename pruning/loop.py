@@ -83,10 +83,10 @@ def _embed_rows(model: InfinityModel, feats_BLd: torch.Tensor, rows: _Rows, keep
     flat = torch.cat([s * length + i.to(dev) for s, i in zip(rows.src, idx, strict=True)])
     x = feats_BLd.reshape(b * length, -1)[flat]  # padded rows repeat token 0: computed, never stored
     x = x.view(layout.n_rows, layout.max_len, -1) if layout.dense else x.unsqueeze(0)
-    pad_idx = torch.zeros(layout.n_rows, layout.max_len, dtype=torch.long, device=dev)
-    for r, i in enumerate(idx):
-        pad_idx[r, : i.numel()] = i.to(dev)
-    rope = rope_2LD[:, pad_idx].unsqueeze(2)  # (2, N, 1, Lmax, Dh/2)
+    if layout.dense:  # rows' own token positions: (2, N, 1, Lmax, Dh/2)
+        rope = rope_2LD[:, torch.stack([i.to(dev) for i in idx])].unsqueeze(2)
+    else:  # per packed token: (2, T, Dh/2)
+        rope = rope_2LD[:, torch.cat([i.to(dev) for i in idx])]
     return model.transformer.embed_tokens(x), layout, rope
 
 
