@@ -13,8 +13,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from model_loader.configs import ModelPreset, SamplingDefaults, TransformerConfig, VAEConfig, register_preset
-from model_loader.text_encoder import TINY_T5_NAME
+from model_loader.configs import ModelPreset, get_preset, register_preset
 from model_loader.tiny_t5 import SPECIAL_TOKENS, build_tiny_t5
 
 from .dataset import vocabulary
@@ -25,19 +24,9 @@ DEMO_NAME = "demo"
 DEMO_T5_D_MODEL = 256
 DEMO_T5_SEED = 0
 
-DEMO_VAE = VAEConfig(codebook_bits=16, patch_size=16, encoder_ch_mult=(1, 1, 2, 2, 4),
-                     decoder_ch_mult=(1, 1, 2, 2, 4), base_ch=32, num_res_blocks=1)
-DEMO_TRANSFORMER = TransformerConfig(depth=6, embed_dim=256, num_heads=4, block_chunks=2, token_bits=16,
-                                     text_channels=DEMO_T5_D_MODEL, text_maxlen=64)
-DEMO_FILES: dict[str, str] = {"transformer": "transformer.safetensors", "vae": "vae.safetensors",
-                              "text_encoder": "text_encoder"}
-
-DEMO_PRESET = ModelPreset(
-    name=DEMO_NAME, transformer=DEMO_TRANSFORMER, vae=DEMO_VAE, spatial_patchify=False, pn="0.06M",
-    sampling=SamplingDefaults(cfg=3.0, tau=1.0), checkpoint_layout="safetensors", default_files=dict(DEMO_FILES),
-    text_encoder=TINY_T5_NAME,
-    description="Demo Infinity trained on procedural shapes (256 px, 7 scales, VAE d16); CPU default",
-)
+DEMO_PRESET: ModelPreset = get_preset(DEMO_NAME)  # defined with the other presets in model_loader.configs
+DEMO_VAE, DEMO_TRANSFORMER = DEMO_PRESET.vae, DEMO_PRESET.transformer
+DEMO_FILES: dict[str, str] = dict(DEMO_PRESET.default_files)
 
 
 def demo_vocab() -> list[str]:

@@ -149,6 +149,12 @@ TINY_VAE_D32 = VAEConfig(codebook_bits=32, patch_size=16, encoder_ch_mult=(1, 1,
 TINY_VAE_D14 = VAEConfig(codebook_bits=14, patch_size=8, encoder_ch_mult=(1, 1, 1, 1),
                          decoder_ch_mult=(1, 1, 2, 1), base_ch=32)
 
+# The demo model (demo/): trained on procedural shapes, shipped as bf16 safetensors, the CPU default.
+DEMO_VAE = VAEConfig(codebook_bits=16, patch_size=16, encoder_ch_mult=(1, 1, 2, 2, 4),
+                     decoder_ch_mult=(1, 1, 2, 2, 4), base_ch=32, num_res_blocks=1)
+DEMO_TRANSFORMER = TransformerConfig(depth=6, embed_dim=256, num_heads=4, block_chunks=2, token_bits=16,
+                                     text_channels=256, text_maxlen=64)
+
 PRESETS: dict[str, ModelPreset] = {
     p.name: p
     for p in (
@@ -172,6 +178,14 @@ PRESETS: dict[str, ModelPreset] = {
             default_files={"transformer": "infinity_8b_512x512_weights",
                            "vae": "infinity_vae_d56_f8_14_patchify.pth", "text_encoder": "flan-t5-xl-official"},
             description="Infinity-8B at 512x512 (10 scales)",
+        ),
+        ModelPreset(
+            name="demo", transformer=DEMO_TRANSFORMER, vae=DEMO_VAE, spatial_patchify=False, pn="0.06M",
+            sampling=SamplingDefaults(cfg=3.0, tau=1.0), checkpoint_layout="safetensors",
+            default_files={"transformer": "transformer.safetensors", "vae": "vae.safetensors",
+                           "text_encoder": "text_encoder"},
+            text_encoder="tiny-t5",
+            description="Demo Infinity trained on procedural shapes (256 px, 7 scales, VAE d16); CPU default",
         ),
         ModelPreset(
             name="tiny-2b", transformer=TINY_2B, vae=TINY_VAE_D32, spatial_patchify=False, pn="0.06M",

@@ -62,9 +62,14 @@ def requests_for(spec: JobSpec) -> list[ImageRequest]:
 class EngineClient:
     def __init__(self, settings: ServiceSettings) -> None:
         self.settings = settings
-        self.engine = Engine.from_preset(settings.model_preset, transformer_path=settings.transformer_path,
-                                         vae_path=settings.vae_path, text_encoder_path=settings.text_encoder_path,
-                                         device=settings.device, dtype_policy=settings.dtype_policy)
+        if settings.model_preset == "demo" and settings.transformer_path is None:
+            from demo.model import load_demo_engine  # the shipped demo weights and their tiny T5
+
+            self.engine = load_demo_engine(device=settings.device)
+        else:
+            self.engine = Engine.from_preset(settings.model_preset, transformer_path=settings.transformer_path,
+                                             vae_path=settings.vae_path, text_encoder_path=settings.text_encoder_path,
+                                             device=settings.device, dtype_policy=settings.dtype_policy)
         self.unpruned_s: dict[tuple[Grids, int], float] = {}
 
     @property
