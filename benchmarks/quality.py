@@ -116,6 +116,7 @@ def chart(rows: list[dict], path: Path) -> None:
 
 def grid(samples: dict[str, list[np.ndarray]], captions: list[str], path: Path, rows: int = 4) -> None:
     cols = list(samples)
+    rows = min(rows, len(captions))
     s = 160
     img = Image.new("RGB", (s * len(cols), (s + 14) * rows + 14), "white")
     d = ImageDraw.Draw(img)
@@ -146,8 +147,8 @@ def main(argv: list[str] | None = None) -> int:
 
     engine = load_demo(args.weights)
     samples = make_split(args.prompts, seed=2026, split="heldout")
-    scenes = [s for s in samples for _ in range(args.seeds)]
-    captions = [s.caption for s in scenes]
+    scenes = [s.attributes for s in samples for _ in range(args.seeds)]
+    captions = [s.caption for s in samples for _ in range(args.seeds)]
     params = [SamplingParams(cfg=engine.preset.sampling.cfg, tau=engine.preset.sampling.tau, seed=k)
               for _ in samples for k in range(args.seeds)]
     text, _ = engine.encode(captions)

@@ -31,3 +31,20 @@ def load_demo_engine(weights_dir: str | Path | None = None, device: str = "cpu")
     files = demo_file_paths(root)
     return Engine.from_preset(DEMO_PRESET, transformer_path=files["transformer"], vae_path=files["vae"],
                               text_encoder_path=demo_text_encoder_dir(root), device=device, dtype_policy="float32")
+
+
+def export_weights(src_dir: str | Path, dst_dir: str | Path = WEIGHTS_DIR) -> dict[str, int]:
+    """Copy trained weights into the shipped folder as bf16 safetensors (floating tensors only);
+    the loader upcasts to the dtype policy. Returns bytes written per file."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    dst = Path(dst_dir)
+    dst.mkdir(parents=True, exist_ok=True)
+    sizes = {}
+    for name in ("vae.safetensors", "transformer.safetensors"):
+        sd = load_file(str(Path(src_dir) / name))
+        sd = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v).contiguous() for k, v in sd.items()}
+        save_file(sd, str(dst / name), metadata={"format": "pt", "source": "demo.train"})
+        sizes[name] = (dst / name).stat().st_size
+    return sizes

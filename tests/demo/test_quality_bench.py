@@ -1,0 +1,32 @@
+"""benchmarks.quality runs end to end on a demo-shaped model (random weights: speed and plumbing only)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from model_loader.checkpoint_io import save_safetensors
+from model_loader.configs import get_preset
+from model_loader.random_init import random_model
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_quality_benchmark_writes_rows_and_charts(tmp_path):
+    model = random_model(get_preset("demo"), seed=0)
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    save_safetensors(model.transformer, weights / "transformer.safetensors")
+    save_safetensors(model.vae, weights / "vae.safetensors")
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.quality", "--weights", str(weights), "--prompts", "2",
+                           "--seeds", "1", "--out", str(out), "--json"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600, env={"LDSERVE_CACHE_DIR": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["policy"]: r for r in map(json.loads, (ln for ln in proc.stdout.splitlines() if ln.startswith("{")))}
+    assert {"unpruned", "ld-pruning (balanced)", "fastvar-style", "skipvar-style", "fill zero"} <= set(rows)
+    assert rows["unpruned"]["psnr_db"] == 99.0 and rows["unpruned"]["ssim"] == 1.0  # identical to itself
+    assert rows["fastvar-style"]["ideal_speedup"] > 1.5
+    for r in rows.values():
+        assert 0.0 <= r["adherence"] <= 1.0 and r["images"] == 2
+    assert (out / "speedup_vs_psnr.png").stat().st_size > 1000 and (out / "samples.png").stat().st_size > 1000
