@@ -243,8 +243,12 @@ class CrossAttnBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, gss: torch.Tensor, sa_ctx: SelfAttnContext, layer: int,
                 text: TextKV) -> torch.Tensor:
+        """``gss``: the shared AdaLN output per row, (N, 1, 6, C)."""
         with no_autocast(x):
-            gamma1, gamma2, scale1, scale2, shift1, shift2 = (self.ada_gss + gss).unbind(2)
+            # per row, then one contiguous tensor per parameter for packed tokens (strided views of a
+            # (T, 6, C) sum made every AdaLN op of packed rows slower)
+            gamma1, gamma2, scale1, scale2, shift1, shift2 = (
+                sa_ctx.layout.per_token(p) for p in (self.ada_gss + gss).unbind(2))
         x = x + self.sa(ada_layer_norm(x, scale1, shift1, self.eps), sa_ctx, layer).mul_(gamma1)
         x = x + self.ca(self.ca_norm(x), sa_ctx.layout, text).float()
         x = x + self.ffn(ada_layer_norm(x, scale2, shift2, self.eps)).mul(gamma2)

@@ -121,7 +121,7 @@ class InfinityTransformer(nn.Module):
         lvl = self.lvl_embed.weight[scale_idx] if lvl_idx is None else self.lvl_embed(lvl_idx)
         # official: in-place add into x, so a bf16 x stays bf16 (rounded once)
         x = (x.float() + lvl).to(x.dtype)
-        gss = layout.per_token(text.gss_N16C)
+        gss = text.gss_N16C
         sa_ctx = SelfAttnContext(layout, rope, cache, attn_mask)
         if cache is not None:
             cache.begin_scale(layout)
