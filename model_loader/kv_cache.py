@@ -82,12 +82,6 @@ class ScaleLayout:
         out[self.row_T, self.col_T] = x_1TX[0]
         return out
 
-    def to_packed(self, x_NLX: torch.Tensor) -> torch.Tensor:
-        """(N, Lmax, ...) padded -> (1, T, ...) packed. Dense layouts pass through."""
-        if self.dense:
-            return x_NLX
-        return x_NLX[self.row_T, self.col_T].unsqueeze(0)
-
     def per_token(self, t_N1X: torch.Tensor) -> torch.Tensor:
         """Broadcast a per-row tensor (N, 1, ...) to the layout of x: as is when dense, else (1, T, ...)."""
         if self.dense:
