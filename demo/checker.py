@@ -22,7 +22,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from .dataset import CELL, COLOURS, IMAGE_SIZE, PALETTE, SHAPES, SIZES, SceneSpec, shape_mask
+from .dataset import CELL, COLOURS, IMAGE_SIZE, MODEL_IMAGE_SIZE, PALETTE, SHAPES, SIZES, SceneSpec, shape_mask
 
 MIN_OBJECT_FRACTION = 0.02
 BLUR_PX = 5
@@ -112,8 +112,12 @@ def _mode(labels: np.ndarray) -> int:
 def score(image_HW3_uint8: np.ndarray, attributes: SceneSpec) -> dict:
     """Per-attribute booleans, what was read, and ``adherence`` / ``all_correct`` in [0, 1]."""
     img = np.asarray(image_HW3_uint8)
+    if img.shape == (MODEL_IMAGE_SIZE, MODEL_IMAGE_SIZE, 3):  # the demo model's output: read at render size
+        k = IMAGE_SIZE // MODEL_IMAGE_SIZE
+        img = img.repeat(k, axis=0).repeat(k, axis=1)
     if img.shape != (IMAGE_SIZE, IMAGE_SIZE, 3):
-        raise ValueError(f"expected a ({IMAGE_SIZE}, {IMAGE_SIZE}, 3) image, got {img.shape}")
+        raise ValueError(f"expected a ({IMAGE_SIZE}, {IMAGE_SIZE}, 3) or ({MODEL_IMAGE_SIZE}, {MODEL_IMAGE_SIZE}, 3) "
+                         f"image, got {img.shape}")
     labels = palette_labels(img)
     used = {s.cell for s in attributes.shapes}
     empty = [labels[cell_bounds(r, c)] for r in range(3) for c in range(3) if (r, c) not in used]

@@ -28,6 +28,9 @@ import torch
 
 Split = Literal["train", "heldout"]
 IMAGE_SIZE = 256
+"""Side of the rendered image."""
+MODEL_IMAGE_SIZE = 128
+"""Side the demo model draws: the render averaged over 2x2 pixels (anti-aliased edges)."""
 CELL = IMAGE_SIZE / 3
 
 PALETTE: dict[str, tuple[int, int, int]] = {
@@ -102,6 +105,11 @@ class Sample:
     def image_3HW(self) -> torch.Tensor:
         """float32 in [-1, 1], (3, 256, 256)."""
         return torch.from_numpy(self.image_HW3).permute(2, 0, 1).float().div(127.5).sub(1.0)
+
+    @property
+    def model_image_3HW(self) -> torch.Tensor:
+        """What the demo model learns to draw: float32 in [-1, 1], (3, 128, 128), the 2x2 mean of the render."""
+        return downsample(self.image_3HW[None])[0]
 
 
 def vocabulary() -> list[str]:
@@ -231,6 +239,13 @@ def make_split(n: int, seed: int, split: Split = "train", start: int = 0) -> lis
     return [make_sample(seed, i, split) for i in range(start, start + n)]
 
 
-def batch_tensors(samples: list[Sample]) -> tuple[torch.Tensor, list[str]]:
-    """(images (B, 3, 256, 256) float in [-1, 1], captions)."""
-    return torch.stack([s.image_3HW for s in samples]), [s.caption for s in samples]
+def downsample(img_B3HW: torch.Tensor) -> torch.Tensor:
+    """Render side -> model side by averaging blocks of pixels."""
+    k = img_B3HW.shape[-1] // MODEL_IMAGE_SIZE
+    return torch.nn.functional.avg_pool2d(img_B3HW, k) if k > 1 else img_B3HW
+
+
+def batch_tensors(samples: list[Sample], model_size: bool = True) -> tuple[torch.Tensor, list[str]]:
+    """(images (B, 3, 128, 128) float in [-1, 1] (256 px with ``model_size=False``), captions)."""
+    img_B3HW = torch.stack([s.image_3HW for s in samples])
+    return (downsample(img_B3HW) if model_size else img_B3HW), [s.caption for s in samples]

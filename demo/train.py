@@ -11,7 +11,7 @@ import torch
 
 from .train_common import TrainArgs
 
-DEFAULTS = {"vae": {"lr": 5e-4, "batch_size": 4}, "transformer": {"lr": 5e-4, "batch_size": 8}}
+DEFAULTS = {"vae": {"lr": 1.5e-3, "batch_size": 8}, "transformer": {"lr": 5e-4, "batch_size": 8}}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -29,7 +29,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--save-every", type=int, default=0, help="also save every N steps (0: only at the end)")
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
     g = p.add_argument_group("vae")
-    g.add_argument("--crop", type=int, default=256, help="random square crops (128: a cheaper first phase)")
+    g.add_argument("--crop", type=int, default=128, help="random square crops (64: a cheaper first phase)")
     g.add_argument("--beta", type=float, default=0.1, help="commitment weight")
     g.add_argument("--init", type=Path, help="continue from this vae.safetensors")
     g = p.add_argument_group("transformer")

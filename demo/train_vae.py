@@ -5,7 +5,7 @@ reaches the decoder through a whole-latent straight-through estimator,
 ``z_q = z + (f_hat - z).detach()``, so the decoder trains on exactly the codes generation will
 sum and the encoder gets the decoder's gradient unchanged. ``beta * ||z - f_hat||^2`` keeps the
 latent near what the quantizer can represent. ``--crop`` trains on random square crops (a
-cheaper first phase): the schedule is then the prefix of the 256-px one ending at the crop's grid.
+cheaper first phase): the schedule is then the prefix of the full one ending at the crop's grid.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from model_loader.configs import VAEConfig
 from model_loader.schedules import scale_schedule
 from model_loader.vae import BSQVAE
 
-from .dataset import IMAGE_SIZE
+from .dataset import MODEL_IMAGE_SIZE
 from .preset import DEMO_PRESET
 from .train_common import RunLog, TrainArgs, make_optimizer, optimizer_step, save_run, seed_everything, train_batch
 
@@ -32,7 +32,7 @@ SCHEDULE = scale_schedule(1.0, DEMO_PRESET.pn)
 
 
 def crop_schedule(crop: int, patch: int) -> tuple[tuple[int, int], ...]:
-    """Grids of the 256-px schedule up to the crop's latent grid (which must be one of them)."""
+    """Grids of the model's schedule up to the crop's latent grid (which must be one of them)."""
     side = crop // patch
     grids = tuple(g for g in SCHEDULE if g[0] <= side)
     if crop % patch or not grids or grids[-1] != (side, side):
@@ -41,11 +41,12 @@ def crop_schedule(crop: int, patch: int) -> tuple[tuple[int, int], ...]:
 
 
 def random_crop(img_B3HW: torch.Tensor, crop: int, gen: torch.Generator) -> torch.Tensor:
-    if crop >= img_B3HW.shape[-1]:
+    side = img_B3HW.shape[-1]
+    if crop >= side:
         return img_B3HW
     out = []
     for img in img_B3HW:
-        y, x = (int(v) for v in torch.randint(0, IMAGE_SIZE - crop + 1, (2,), generator=gen))
+        y, x = (int(v) for v in torch.randint(0, side - crop + 1, (2,), generator=gen))
         out.append(img[:, y:y + crop, x:x + crop])
     return torch.stack(out)
 
@@ -67,7 +68,7 @@ def vae_loss(vae: BSQVAE, img_B3HW: torch.Tensor, grids, beta: float) -> tuple[t
     return loss, {"loss": loss.item(), "l1": l1.item(), "commit": commit.item()}
 
 
-def train_vae(args: TrainArgs, cfg: VAEConfig = DEMO_PRESET.vae, *, crop: int = IMAGE_SIZE, beta: float = 0.1,
+def train_vae(args: TrainArgs, cfg: VAEConfig = DEMO_PRESET.vae, *, crop: int = MODEL_IMAGE_SIZE, beta: float = 0.1,
               init: str | None = None) -> BSQVAE:
     """Train (or, with ``init``, continue training) the VAE; writes ``<out>/vae.safetensors`` and ``vae.json``."""
     seed_everything(args.seed)

@@ -25,6 +25,10 @@ class VAEConfig:
     decoder_ch_mult: tuple[int, ...]
     base_ch: int = 128
     num_res_blocks: int = 2
+    norm_groups: int | None = None
+    """GroupNorm groups; None is the official rule (32, or 24 where 32 does not divide). Not stored in
+    checkpoints. Narrow models need fewer: with one channel per group the norm erases each channel's
+    image mean, and a 32-channel decoder then cannot reproduce flat colours."""
 
     def __post_init__(self) -> None:
         if self.codebook_bits <= 0:
@@ -116,8 +120,12 @@ class ModelPreset:
     """File names a user is expected to bring, relative to the weights folder."""
     text_encoder: str = "flan-t5-xl"
     description: str = ""
+    pns: tuple[str, ...] = ()
+    """Resolution keys the model serves, ``pn`` among them; empty: only ``pn`` (see ``served_pns``)."""
 
     def __post_init__(self) -> None:
+        if self.pns and self.pn not in self.pns:
+            raise ValueError(f"preset {self.name}: default pn {self.pn!r} is not among its pns {self.pns}")
         expected = self.vae.codebook_bits * (4 if self.spatial_patchify else 1)
         if self.transformer.token_bits != expected:
             raise ValueError(
@@ -129,6 +137,15 @@ class ModelPreset:
     def vae_scale(self) -> int:
         """Latent positions per token side (2 with spatial patchify)."""
         return 2 if self.spatial_patchify else 1
+
+    @property
+    def served_pns(self) -> tuple[str, ...]:
+        return self.pns or (self.pn,)
+
+    @property
+    def pixels_per_token(self) -> int:
+        """Image pixels per token side: 16 for every official model (the 8B's 8-px VAE with 2x2 patchify)."""
+        return self.vae.patch_size * self.vae_scale
 
 
 VAE_D32 = VAEConfig(codebook_bits=32, patch_size=16, encoder_ch_mult=(1, 2, 4, 4, 4),
@@ -150,8 +167,8 @@ TINY_VAE_D14 = VAEConfig(codebook_bits=14, patch_size=8, encoder_ch_mult=(1, 1, 
                          decoder_ch_mult=(1, 1, 2, 1), base_ch=32)
 
 # The demo model (demo/): trained on procedural shapes, shipped as bf16 safetensors, the CPU default.
-DEMO_VAE = VAEConfig(codebook_bits=16, patch_size=16, encoder_ch_mult=(1, 1, 2, 2, 4),
-                     decoder_ch_mult=(1, 1, 2, 2, 4), base_ch=32, num_res_blocks=1)
+DEMO_VAE = VAEConfig(codebook_bits=16, patch_size=8, encoder_ch_mult=(1, 2, 2, 4), decoder_ch_mult=(1, 2, 2, 4),
+                     base_ch=32, num_res_blocks=1, norm_groups=8)
 DEMO_TRANSFORMER = TransformerConfig(depth=6, embed_dim=256, num_heads=4, block_chunks=2, token_bits=16,
                                      text_channels=256, text_maxlen=64)
 
@@ -163,7 +180,7 @@ PRESETS: dict[str, ModelPreset] = {
             sampling=SamplingDefaults(cfg=3.0, tau=0.5), checkpoint_layout="torch",
             default_files={"transformer": "infinity_2b_reg.pth", "vae": "infinity_vae_d32reg.pth",
                            "text_encoder": "flan-t5-xl"},
-            description="Infinity-2B at 1024x1024 (13 scales), VAE d32",
+            description="Infinity-2B at 1024x1024 (13 scales), VAE d32", pns=("0.25M", "1M"),
         ),
         ModelPreset(
             name="infinity-8b", transformer=INFINITY_8B, vae=VAE_D14_PATCHIFY, spatial_patchify=True, pn="1M",
@@ -171,6 +188,7 @@ PRESETS: dict[str, ModelPreset] = {
             default_files={"transformer": "infinity_8b_weights", "vae": "infinity_vae_d56_f8_14_patchify.pth",
                            "text_encoder": "flan-t5-xl-official"},
             description="Infinity-8B at 1024x1024 (13 scales), VAE d14 with 2x2 spatial patchify",
+            pns=("0.25M", "1M"),
         ),
         ModelPreset(
             name="infinity-8b-512", transformer=INFINITY_8B, vae=VAE_D14_PATCHIFY, spatial_patchify=True,
@@ -185,17 +203,19 @@ PRESETS: dict[str, ModelPreset] = {
             default_files={"transformer": "transformer.safetensors", "vae": "vae.safetensors",
                            "text_encoder": "text_encoder"},
             text_encoder="tiny-t5",
-            description="Demo Infinity trained on procedural shapes (256 px, 7 scales, VAE d16); CPU default",
+            description="Demo Infinity trained on procedural shapes (128 px, 7 scales, VAE d16 f8); CPU default",
         ),
         ModelPreset(
             name="tiny-2b", transformer=TINY_2B, vae=TINY_VAE_D32, spatial_patchify=False, pn="0.06M",
             sampling=SamplingDefaults(cfg=3.0, tau=0.5), checkpoint_layout="safetensors",
             text_encoder="tiny-t5", description="2B-structured test model (256 px, 7 scales)",
+            pns=("0.06M", "0.25M", "1M"),
         ),
         ModelPreset(
             name="tiny-8b", transformer=TINY_8B, vae=TINY_VAE_D14, spatial_patchify=True, pn="0.06M",
             sampling=SamplingDefaults(cfg=3.0, tau=1.0), checkpoint_layout="safetensors",
             text_encoder="tiny-t5", description="8B-structured test model with patchify (256 px, 7 scales)",
+            pns=("0.06M", "0.25M", "1M"),
         ),
     )
 }

@@ -80,10 +80,10 @@ def template_of_schedule(grids: tuple[tuple[int, int], ...]) -> float:
     raise ValueError(f"{grids} is not a prefix of any official scale schedule")
 
 
-def image_size(grids: tuple[tuple[int, int], ...]) -> tuple[int, int]:
-    """Pixel (height, width) produced by a schedule."""
+def image_size(grids: tuple[tuple[int, int], ...], pixels_per_token: int = VAE_STRIDE) -> tuple[int, int]:
+    """Pixel (height, width) produced by a schedule (``pixels_per_token``: the preset's, 16 for official models)."""
     h, w = grids[-1]
-    return h * VAE_STRIDE, w * VAE_STRIDE
+    return h * pixels_per_token, w * pixels_per_token
 
 
 @lru_cache(maxsize=64)

@@ -28,11 +28,12 @@ class Conv(nn.Module):
 
 
 class Normalize(nn.Module):
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, groups: int | None = None) -> None:
         super().__init__()
-        groups = 32 if channels % 32 == 0 else 24
+        if groups is None:  # the official rule
+            groups = 32 if channels % 32 == 0 else 24
         if channels % groups:
-            raise ValueError(f"GroupNorm needs channels divisible by 32 or 24, got {channels}")
+            raise ValueError(f"GroupNorm with {groups} groups needs channels divisible by it, got {channels}")
         self.norm = nn.GroupNorm(groups, channels, eps=1e-6, affine=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -46,11 +47,11 @@ def swish(x: torch.Tensor) -> torch.Tensor:
 
 
 class ResnetBlock(nn.Module):
-    def __init__(self, cin: int, cout: int) -> None:
+    def __init__(self, cin: int, cout: int, groups: int | None = None) -> None:
         super().__init__()
-        self.norm1 = Normalize(cin)
+        self.norm1 = Normalize(cin, groups)
         self.conv1 = Conv(cin, cout, 3, padding=1)
-        self.norm2 = Normalize(cout)
+        self.norm2 = Normalize(cout, groups)
         self.conv2 = Conv(cout, cout, 3, padding=1)
         if cin != cout:
             self.nin_shortcut = Conv(cin, cout, 1)
@@ -82,10 +83,10 @@ class Upsample(nn.Module):
 
 
 class _Mid(nn.Module):
-    def __init__(self, ch: int) -> None:
+    def __init__(self, ch: int, groups: int | None) -> None:
         super().__init__()
-        self.block_1 = ResnetBlock(ch, ch)
-        self.block_2 = ResnetBlock(ch, ch)
+        self.block_1 = ResnetBlock(ch, ch, groups)
+        self.block_2 = ResnetBlock(ch, ch, groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.block_2(self.block_1(x))
@@ -110,12 +111,12 @@ class Encoder(nn.Module):
         levels = []
         for i, m in enumerate(mult):
             cin, cout = ch * in_mult[i], ch * m
-            blocks = [ResnetBlock(cin if j == 0 else cout, cout) for j in range(cfg.num_res_blocks)]
+            blocks = [ResnetBlock(cin if j == 0 else cout, cout, cfg.norm_groups) for j in range(cfg.num_res_blocks)]
             levels.append(_Level(blocks, Downsample(cout) if i < n_down else None, "downsample"))
         self.down = nn.ModuleList(levels)
         c_last = ch * mult[-1]
-        self.mid = _Mid(c_last)
-        self.norm_out = Normalize(c_last)
+        self.mid = _Mid(c_last, cfg.norm_groups)
+        self.norm_out = Normalize(c_last, cfg.norm_groups)
         self.conv_out = Conv(c_last, cfg.codebook_bits, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -136,15 +137,16 @@ class Decoder(nn.Module):
         n_up = cfg.patch_size.bit_length() - 1
         block_in = ch * mult[-1]
         self.conv_in = Conv(cfg.codebook_bits, block_in, 3, padding=1)
-        self.mid = _Mid(block_in)
+        self.mid = _Mid(block_in, cfg.norm_groups)
         levels: list[_Level] = []
         for i in reversed(range(len(mult))):
             cout = ch * mult[i]
-            blocks = [ResnetBlock(block_in if j == 0 else cout, cout) for j in range(cfg.num_res_blocks + 1)]
+            blocks = [ResnetBlock(block_in if j == 0 else cout, cout, cfg.norm_groups)
+                      for j in range(cfg.num_res_blocks + 1)]
             block_in = cout
             levels.insert(0, _Level(blocks, Upsample(cout) if 1 <= i <= n_up else None, "upsample"))
         self.up = nn.ModuleList(levels)
-        self.norm_out = Normalize(block_in)
+        self.norm_out = Normalize(block_in, cfg.norm_groups)
         self.conv_out = Conv(block_in, 3, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:

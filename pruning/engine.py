@@ -143,6 +143,6 @@ class Engine:
                        ImageRequest("warm up", SamplingParams(seed=1), PruningConfig())], grids)
         return time.perf_counter() - t0
 
-    @staticmethod
-    def image_size(grids: tuple[tuple[int, int], ...]) -> tuple[int, int]:
-        return image_size(grids)
+    def image_size(self, grids: tuple[tuple[int, int], ...]) -> tuple[int, int]:
+        """Pixel (height, width) this model produces for a schedule."""
+        return image_size(grids, self.preset.pixels_per_token)

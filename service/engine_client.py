@@ -95,7 +95,7 @@ class EngineClient:
         results = self.engine.generate(reqs, grids)
         self._sync()
         seconds = time.perf_counter() - t0
-        h, w = Engine.image_size(grids)
+        h, w = self.engine.image_size(grids)
         flat = [ImageOut(r.image_HW3.contiguous().cpu().numpy().tobytes(), w, h, r.stats.to_dict(),
                          r.prompt_truncated) for r in results]
         out, i = [], 0

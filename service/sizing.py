@@ -6,9 +6,7 @@ import math
 import re
 from dataclasses import dataclass
 
-from model_loader.schedules import PN_BY_RESOLUTION, VAE_STRIDE, final_grid, nearest_template
-
-RESOLUTION_BY_PN = {v: k for k, v in PN_BY_RESOLUTION.items()}
+from model_loader.schedules import final_grid, nearest_template
 
 
 class SizeError(ValueError):
@@ -26,15 +24,27 @@ class ResolvedSize:
     height: int
 
 
-def allowed_resolutions(tiny: bool) -> tuple[int, ...]:
-    return (256, 512, 1024) if tiny else (512, 1024)
+@dataclass(frozen=True)
+class ModelSizes:
+    """What a model can draw: its resolution keys, the default one, and pixels per token side."""
+
+    pns: tuple[str, ...]
+    default_pn: str
+    pixels_per_token: int = 16
+
+    def resolution(self, pn: str) -> int:
+        """Square side in pixels of a resolution key (1024 for "1M" on the official models)."""
+        return final_grid(1.0, pn)[0] * self.pixels_per_token
+
+    @property
+    def resolutions(self) -> dict[int, str]:
+        return {self.resolution(pn): pn for pn in self.pns}
 
 
-def _resolved(h_div_w: float, resolution: int) -> ResolvedSize:
+def _resolved(h_div_w: float, pn: str, sizes: ModelSizes) -> ResolvedSize:
     template = nearest_template(h_div_w)
-    pn = PN_BY_RESOLUTION[resolution]
     h, w = final_grid(template, pn)
-    return ResolvedSize(template, pn, w * VAE_STRIDE, h * VAE_STRIDE)
+    return ResolvedSize(template, pn, w * sizes.pixels_per_token, h * sizes.pixels_per_token)
 
 
 def parse_aspect(aspect: str) -> float:
@@ -51,31 +61,32 @@ def _check_ratio(h_div_w: float, param: str) -> None:
 
 
 def resolve_size(*, width: int | None, height: int | None, aspect_ratio: str | None, resolution: int | None,
-                 default_resolution: int, tiny: bool) -> ResolvedSize:
+                 sizes: ModelSizes) -> ResolvedSize:
     """Map width/height, or aspect_ratio + resolution, to a template and pn; raises SizeError."""
-    allowed = allowed_resolutions(tiny)
+    allowed = sizes.resolutions
     if resolution is not None and resolution not in allowed:
-        raise SizeError(f"resolution must be one of {list(allowed)} for this model, got {resolution}", "resolution")
+        raise SizeError(f"resolution must be one of {sorted(allowed)} for this model, got {resolution}", "resolution")
     if (width is None) != (height is None):
         raise SizeError("give both width and height, or neither", "width" if width is None else "height")
     if width is not None and height is not None:
         if aspect_ratio is not None or resolution is not None:
             raise SizeError("give width/height or aspect_ratio/resolution, not both", "aspect_ratio")
-        return _from_pixels(width, height, allowed)
+        return _from_pixels(width, height, sizes)
     h_div_w = parse_aspect(aspect_ratio) if aspect_ratio is not None else 1.0
     _check_ratio(h_div_w, "aspect_ratio")
-    return _resolved(h_div_w, resolution or default_resolution)
+    return _resolved(h_div_w, allowed[resolution] if resolution is not None else sizes.default_pn, sizes)
 
 
-def _from_pixels(width: int, height: int, allowed: tuple[int, ...]) -> ResolvedSize:
+def _from_pixels(width: int, height: int, sizes: ModelSizes) -> ResolvedSize:
+    allowed = sizes.resolutions
     if width <= 0 or height <= 0:
         raise SizeError("width and height must be positive", "width")
     _check_ratio(height / width, "height")
     side = math.sqrt(width * height)
     resolution = min(allowed, key=lambda r: abs(math.log(side / r)))
     if abs(math.log(side / resolution)) > math.log(1.45):
-        raise SizeError(f"{width}x{height} is not near a supported resolution {list(allowed)} px", "width")
-    return _resolved(height / width, resolution)
+        raise SizeError(f"{width}x{height} is not near a supported resolution {sorted(allowed)} px", "width")
+    return _resolved(height / width, allowed[resolution], sizes)
 
 
 def parse_openai_size(size: str | None) -> tuple[int | None, int | None]:

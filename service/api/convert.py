@@ -11,7 +11,7 @@ from pruning.config import pruning_config
 from ..imaging import b64, encode
 from ..queue import Job
 from ..settings import ServiceSettings
-from ..sizing import RESOLUTION_BY_PN, SizeError, parse_openai_size, resolve_size
+from ..sizing import ModelSizes, SizeError, parse_openai_size, resolve_size
 from ..spec import JobSpec
 from .errors import ApiError
 from .schemas import GenerateRequest, OpenAIImageRequest, PruningOptions
@@ -59,8 +59,7 @@ def _seeds(seed: int | None, n: int) -> list[int]:
 def _size(s: ServiceSettings, **kw: Any) -> Any:
     preset = MODEL_PRESETS[s.model_preset]
     try:
-        return resolve_size(default_resolution=RESOLUTION_BY_PN[preset.pn], tiny=preset.text_encoder == "tiny-t5",
-                            **kw)
+        return resolve_size(sizes=ModelSizes(preset.served_pns, preset.pn, preset.pixels_per_token), **kw)
     except SizeError as e:
         raise ApiError(400, str(e), param=e.param, code="invalid_size") from None
 

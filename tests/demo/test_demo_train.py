@@ -15,8 +15,8 @@ from demo.train_vae import train_vae
 from model_loader.checkpoint_io import read_safetensors
 from model_loader.configs import TransformerConfig, VAEConfig
 
-TINY_VAE = VAEConfig(codebook_bits=8, patch_size=16, encoder_ch_mult=(1, 1, 1, 1, 1),
-                     decoder_ch_mult=(1, 1, 1, 1, 1), base_ch=24, num_res_blocks=1)
+TINY_VAE = VAEConfig(codebook_bits=8, patch_size=8, encoder_ch_mult=(1, 1, 1, 1),
+                     decoder_ch_mult=(1, 1, 1, 1), base_ch=24, num_res_blocks=1, norm_groups=8)
 TINY_TF = TransformerConfig(depth=2, embed_dim=64, num_heads=2, block_chunks=1, token_bits=8, text_channels=256,
                             text_maxlen=64)
 

@@ -12,11 +12,12 @@ import redis
 from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
+from model_loader.schedules import final_grid
 from service.batching import Held, select_batch, should_dispatch
 from service.keys import Keys
 from service.metrics import WorkerMetrics
 from service.settings import ServiceSettings
-from service.sizing import SizeError, resolve_size
+from service.sizing import ModelSizes, SizeError, resolve_size
 from service.spec import JobSpec
 from service.worker import Worker
 from service.worker_queue import Entry, WorkerQueue
@@ -34,17 +35,31 @@ def held(created: int, **kw: object) -> Held:
 
 
 def test_resolve_size() -> None:
-    r = resolve_size(width=1024, height=576, aspect_ratio=None, resolution=None, default_resolution=256, tiny=False)
+    official = ModelSizes(("0.25M", "1M"), "1M")
+    tiny = ModelSizes(("0.06M", "0.25M", "1M"), "0.06M")
+    r = resolve_size(width=1024, height=576, aspect_ratio=None, resolution=None, sizes=official)
     assert (r.pn, r.h_div_w) == ("1M", 0.571) and r.width > r.height
-    r = resolve_size(width=None, height=None, aspect_ratio="1:2", resolution=512, default_resolution=256, tiny=False)
+    r = resolve_size(width=None, height=None, aspect_ratio="1:2", resolution=512, sizes=official)
     assert (r.pn, r.h_div_w, r.height) == ("0.25M", 2.0, 46 * 16)
-    r = resolve_size(width=None, height=None, aspect_ratio=None, resolution=None, default_resolution=256, tiny=True)
+    r = resolve_size(width=None, height=None, aspect_ratio=None, resolution=None, sizes=tiny)
     assert (r.width, r.height, r.pn) == (256, 256, "0.06M")
-    for kw in ({"width": 256, "height": 256, "resolution": None, "tiny": False},  # 256 only for tiny models
-               {"width": 300, "height": None, "resolution": None, "tiny": True},
-               {"width": None, "height": None, "resolution": 256, "tiny": False}):
+    for kw in ({"width": 256, "height": 256, "resolution": None, "sizes": official},  # 256 only for tiny models
+               {"width": 300, "height": None, "resolution": None, "sizes": tiny},
+               {"width": None, "height": None, "resolution": 256, "sizes": official}):
         with pytest.raises(SizeError):
-            resolve_size(aspect_ratio=None, default_resolution=256, **kw)  # type: ignore[arg-type]
+            resolve_size(aspect_ratio=None, **kw)  # type: ignore[arg-type]
+
+
+def test_resolve_size_follows_pixels_per_token() -> None:
+    """A model with 8-px tokens (the demo) draws its 16x16-token key at 128 px and refuses other keys."""
+    demo = ModelSizes(("0.06M",), "0.06M", pixels_per_token=8)
+    assert demo.resolutions == {128: "0.06M"}
+    r = resolve_size(width=None, height=None, aspect_ratio="16:9", resolution=None, sizes=demo)
+    assert r.pn == "0.06M" and r.width == final_grid(r.h_div_w, "0.06M")[1] * 8 and r.width > r.height
+    assert resolve_size(width=130, height=125, aspect_ratio=None, resolution=None, sizes=demo).width == 128
+    for kw in ({"width": 256, "height": 256, "resolution": None}, {"width": None, "height": None, "resolution": 256}):
+        with pytest.raises(SizeError):
+            resolve_size(aspect_ratio=None, sizes=demo, **kw)  # type: ignore[arg-type]
 
 
 def test_batching_fifo_by_key_and_max_wait() -> None:
