@@ -32,6 +32,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--crop", type=int, default=128, help="random square crops (64: a cheaper first phase)")
     g.add_argument("--beta", type=float, default=0.1, help="commitment weight")
     g.add_argument("--init", type=Path, help="continue from this vae.safetensors")
+    g.add_argument("--shape-weight", type=float, default=4.0,
+                   help="extra L1 weight of pixels off the image's median colour (0: plain L1)")
     g = p.add_argument_group("transformer")
     g.add_argument("--vae", type=Path, help="trained vae.safetensors (default: <out>/vae.safetensors)")
     g.add_argument("--cond-drop", type=float, default=0.1, help="probability of the unconditional text")
@@ -49,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     if a.what == "vae":
         from .train_vae import train_vae
 
-        train_vae(args, crop=a.crop, beta=a.beta, init=str(a.init) if a.init else None)
+        train_vae(args, crop=a.crop, beta=a.beta, init=str(a.init) if a.init else None, shape_weight=a.shape_weight)
     else:
         from .train_transformer import train_transformer
 

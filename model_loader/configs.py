@@ -167,8 +167,8 @@ TINY_VAE_D14 = VAEConfig(codebook_bits=14, patch_size=8, encoder_ch_mult=(1, 1, 
                          decoder_ch_mult=(1, 1, 2, 1), base_ch=32)
 
 # The demo model (demo/): trained on procedural shapes, shipped as bf16 safetensors, the CPU default.
-DEMO_VAE = VAEConfig(codebook_bits=16, patch_size=8, encoder_ch_mult=(1, 2, 2, 4), decoder_ch_mult=(1, 2, 2, 4),
-                     base_ch=32, num_res_blocks=1, norm_groups=8)
+DEMO_VAE = VAEConfig(codebook_bits=16, patch_size=8, encoder_ch_mult=(1, 1, 1, 1), decoder_ch_mult=(1, 1, 1, 1),
+                     base_ch=32, num_res_blocks=0, norm_groups=8)
 DEMO_TRANSFORMER = TransformerConfig(depth=6, embed_dim=256, num_heads=4, block_chunks=2, token_bits=16,
                                      text_channels=256, text_maxlen=64)
 

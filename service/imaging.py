@@ -11,13 +11,13 @@ MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 DEFAULT_QUALITY = 90
 
 
-def encode(rgb: bytes, width: int, height: int, fmt: str, quality: int | None = None) -> bytes:
+def encode(rgb: bytes, width: int, height: int, fmt: str, quality: int | None = None, png_level: int = 1) -> bytes:
     """Raw uint8 RGB (height, width, 3) -> png/jpeg/webp bytes; quality applies to jpeg/webp."""
     img = Image.frombytes("RGB", (width, height), rgb)
     buf = io.BytesIO()
     q = DEFAULT_QUALITY if quality is None else max(1, min(100, quality))
     if fmt == "png":
-        img.save(buf, format="PNG")
+        img.save(buf, format="PNG", compress_level=png_level)
     elif fmt == "jpeg":
         img.save(buf, format="JPEG", quality=q)
     elif fmt == "webp":

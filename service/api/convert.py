@@ -103,9 +103,9 @@ def spec_from_openai(req: OpenAIImageRequest, s: ServiceSettings) -> JobSpec:
                    quality=req.output_compression, route="openai")
 
 
-def encoded_images(job: Job) -> list[bytes]:
+def encoded_images(job: Job, png_level: int = 1) -> list[bytes]:
     sp = job.spec
-    return [encode(raw, sp.width, sp.height, sp.output_format, sp.quality) for raw in job.images]
+    return [encode(raw, sp.width, sp.height, sp.output_format, sp.quality, png_level) for raw in job.images]
 
 
 def image_items(job: Job, encoded: list[bytes]) -> list[dict[str, Any]]:

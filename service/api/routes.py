@@ -106,10 +106,10 @@ def _raise_for(job: Job | None, job_id: str) -> Job:
                    type_=err.get("type"))
 
 
-def _async_response(job: Job | None, job_id: str) -> JSONResponse:
+def _async_response(job: Job | None, job_id: str, png_level: int) -> JSONResponse:
     if job is None:
         raise ApiError(404, f"job {job_id} no longer exists", code="job_not_found")
-    body = convert.job_body(job, convert.encoded_images(job) if job.status == "succeeded" else None)
+    body = convert.job_body(job, convert.encoded_images(job, png_level) if job.status == "succeeded" else None)
     return JSONResponse(body, status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
 
 
@@ -131,14 +131,15 @@ async def generate(body: GenerateRequest, settings: SettingsDep, queue: QueueDep
     job, job_id, _ = await _submit(spec, prefer=prefer, idem=idem, cancel_after=cancel_after, settings=settings,
                                    queue=queue, notifier=notifier, metrics=metrics)
     if "respond-async" in (prefer or "").lower():
-        return _async_response(job, job_id)
+        return _async_response(job, job_id, settings.png_compress_level)
     job = _raise_for(job, job_id)
     if raw_fmt:
-        data = encode(job.images[0], spec.width, spec.height, raw_fmt, spec.quality)
+        data = await asyncio.to_thread(encode, job.images[0], spec.width, spec.height, raw_fmt, spec.quality,
+                                       settings.png_compress_level)
         _count_images(metrics, raw_fmt, 1)
         seed = str(job.spec.seeds[0])
         return Response(data, media_type=MEDIA_TYPES[raw_fmt], headers={"x-seed": seed, "x-job-id": job.id})
-    encoded = await asyncio.to_thread(convert.encoded_images, job)
+    encoded = await asyncio.to_thread(convert.encoded_images, job, settings.png_compress_level)
     _count_images(metrics, spec.output_format, len(encoded))
     return convert.generate_body(job, encoded)
 
@@ -153,22 +154,22 @@ async def images_generations(body: OpenAIImageRequest, settings: SettingsDep, qu
     job, job_id, _ = await _submit(spec, prefer=prefer, idem=idem, cancel_after=cancel_after, settings=settings,
                                    queue=queue, notifier=notifier, metrics=metrics)
     if "respond-async" in (prefer or "").lower():
-        return _async_response(job, job_id)
+        return _async_response(job, job_id, settings.png_compress_level)
     job = _raise_for(job, job_id)
-    encoded = await asyncio.to_thread(convert.encoded_images, job)
+    encoded = await asyncio.to_thread(convert.encoded_images, job, settings.png_compress_level)
     _count_images(metrics, spec.output_format, len(encoded))
     return convert.openai_body(job, encoded, body.quality)
 
 
 @protected.get("/v1/jobs/{job_id}", response_model=JobModel, tags=["jobs"])
-async def get_job(job_id: str, queue: QueueDep, metrics: MetricsDep) -> Any:
+async def get_job(job_id: str, settings: SettingsDep, queue: QueueDep, metrics: MetricsDep) -> Any:
     """A job's status, and its images once it succeeded."""
     job = await queue.get(job_id) if len(job_id) <= 64 else None
     if job is None:
         raise ApiError(404, f"no job {job_id!r}", param="job_id", code="job_not_found")
     encoded = None
     if job.status == "succeeded":
-        encoded = await asyncio.to_thread(convert.encoded_images, job)
+        encoded = await asyncio.to_thread(convert.encoded_images, job, settings.png_compress_level)
         _count_images(metrics, job.spec.output_format, len(encoded))
     return convert.job_body(job, encoded)
 

@@ -41,8 +41,8 @@ class GenerateRequest(SamplingFields):
     height: int | None = Field(None, ge=1, le=8192)
     aspect_ratio: str | None = Field(None, max_length=16, description="e.g. '16:9' (width:height)")
     resolution: Literal[128, 256, 512, 1024] | None = Field(
-        None, description="Square side in pixels; which ones a model serves is in GET /v1/models "
-        "(official models: 512, 1024). Default: the model's native resolution")
+        None, description="Square side in pixels: 512 or 1024 for the official models, 128 for the demo "
+        "model, 256/512/1024 for the tiny test models. Default: the model's native resolution")
     temperature: float | None = Field(None, gt=0, le=5)
     top_k: int | None = Field(None, ge=0, le=100_000)
     top_p: float | None = Field(None, ge=0, le=1)

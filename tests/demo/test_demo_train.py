@@ -53,3 +53,14 @@ def test_transformer_three_steps(vae_dir: Path, tmp_path: Path) -> None:
     assert all(torch.isfinite(p).all() for p in tf.parameters())
     assert set(read_safetensors(tmp_path / "transformer.safetensors")) == set(tf.state_dict())
     assert (tmp_path / "text_encoder" / "tokenizer.json").is_file()
+
+
+def test_vae_gate_report(vae_dir: Path) -> None:
+    """The recipe's VAE gate reads the trained file and scores its reconstructions (a 3-step VAE scores low)."""
+    from demo.evaluate import vae_report
+    from model_loader.vae import BSQVAE
+
+    vae = BSQVAE(TINY_VAE)
+    vae.load_state_dict(read_safetensors(vae_dir / "vae.safetensors"))
+    r = vae_report(vae.eval(), n=4, batch=2)
+    assert r["images"] == 4 and math.isfinite(r["psnr_db"]) and 0.0 <= r["adherence"] < 0.8
