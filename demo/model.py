@@ -58,3 +58,21 @@ def export_weights(src_dir: str | Path, dst_dir: str | Path = WEIGHTS_DIR) -> di
             shutil.copyfile(f, dst / "text_encoder" / f.name)
             sizes[f"text_encoder/{f.name}"] = f.stat().st_size
     return sizes
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m demo.model export <trained dir> [<dst>]``: write the shipped weights folder."""
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser(prog="python -m demo.model")
+    p.add_argument("command", choices=("export",))
+    p.add_argument("src", type=Path)
+    p.add_argument("dst", type=Path, nargs="?", default=WEIGHTS_DIR)
+    a = p.parse_args(argv)
+    sizes = export_weights(a.src, a.dst)
+    print(json.dumps({"dst": str(a.dst), "bytes": sizes, "total_mb": round(sum(sizes.values()) / 1e6, 2)}))
+
+
+if __name__ == "__main__":
+    main()

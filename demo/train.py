@@ -37,6 +37,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g = p.add_argument_group("transformer")
     g.add_argument("--vae", type=Path, help="trained vae.safetensors (default: <out>/vae.safetensors)")
     g.add_argument("--cond-drop", type=float, default=0.1, help="probability of the unconditional text")
+    g.add_argument("--per-scale-loss", action="store_true", help="mean over scales of each scale's mean loss")
+    g.add_argument("--init-transformer", type=Path, help="continue from this transformer.safetensors")
+    g.add_argument("--stop-after", type=int, help="stop (and save) after this many steps of the --steps schedule")
     return p.parse_args(argv)
 
 
@@ -55,7 +58,8 @@ def main(argv: list[str] | None = None) -> None:
     else:
         from .train_transformer import train_transformer
 
-        train_transformer(args, a.vae or a.out / "vae.safetensors", cond_drop=a.cond_drop)
+        train_transformer(args, a.vae or a.out / "vae.safetensors", cond_drop=a.cond_drop,
+                          per_scale_loss=a.per_scale_loss, init=a.init_transformer, stop_after=a.stop_after)
 
 
 if __name__ == "__main__":

@@ -100,17 +100,29 @@ def drop_text(tf: InfinityTransformer, text: TextCond, drop_B: torch.Tensor) -> 
     return TextCond(feats, text.lens_B)
 
 
-def bitwise_loss(logits_BLV: torch.Tensor, labels_BLD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean cross-entropy over every bit of every token, and the per-token bit accuracy (B, L)."""
+def bitwise_loss(logits_BLV: torch.Tensor, labels_BLD: torch.Tensor,
+                 scale_sizes: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bitwise cross-entropy and the per-token bit accuracy (B, L).
+
+    Without ``scale_sizes`` the mean over every bit of every token; with them the mean over
+    scales of each scale's mean, so the 1x1 scale that fixes the background (1 token of 521)
+    weighs as much as the 16x16 one (256 tokens).
+    """
     logits_BLD2 = logits_BLV.view(*labels_BLD.shape, 2)
-    loss = F.cross_entropy(logits_BLD2.reshape(-1, 2), labels_BLD.reshape(-1))
+    ce_BLD = F.cross_entropy(logits_BLD2.reshape(-1, 2), labels_BLD.reshape(-1), reduction="none")
+    ce_BL = ce_BLD.view(labels_BLD.shape).mean(-1)
+    if scale_sizes is None:
+        loss = ce_BL.mean()
+    else:
+        loss = torch.stack([c.mean() for c in ce_BL.split(scale_sizes, dim=1)]).mean()
     acc_BL = (logits_BLD2.argmax(-1) == labels_BLD).float().mean(-1)
     return loss, acc_BL
 
 
 def train_transformer(args: TrainArgs, vae_path: str | Path, *, cfg: TransformerConfig = DEMO_PRESET.transformer,
                       vae_cfg: VAEConfig = DEMO_PRESET.vae, cond_drop: float = 0.1,
-                      text_encoder_dir: Path | None = None) -> InfinityTransformer:
+                      text_encoder_dir: Path | None = None, per_scale_loss: bool = False,
+                      init: str | Path | None = None, stop_after: int | None = None) -> InfinityTransformer:
     """Writes ``<out>/transformer.safetensors``, ``transformer.json`` and ``<out>/text_encoder/``."""
     seed_everything(args.seed)
     grids = SCHEDULE
@@ -119,21 +131,26 @@ def train_transformer(args: TrainArgs, vae_path: str | Path, *, cfg: Transformer
     if enc.d_model != cfg.text_channels:
         raise ValueError(f"text encoder d_model {enc.d_model} != text_channels {cfg.text_channels}")
     tf = build_transformer_for_training(cfg, args.seed)
+    if init is not None:
+        tf.load_state_dict(read_safetensors(Path(init)))
+        logger.info("initialised the transformer from %s", init)
     rope = rope_tables(cfg.head_dim, rope_positions(tuple(grids)))
     sizes = [h * w for h, w in grids]
-    args = replace(args, extra={**args.extra, "vae": str(vae_path), "cond_drop": cond_drop})
+    args = replace(args, extra={**args.extra, "vae": str(vae_path), "cond_drop": cond_drop,
+                                "per_scale_loss": per_scale_loss, "init": str(init) if init else None,
+                                "stop_after": stop_after})
     opt = make_optimizer(tf, args.lr, args.weight_decay)
     gen = torch.Generator().manual_seed(args.seed + 1)
     log = RunLog(args)
     logger.info("transformer %s: %.2fM parameters, %d tokens per image", cfg,
                 sum(p.numel() for p in tf.parameters()) / 1e6, sum(sizes))
-    for step in range(args.steps):
+    for step in range(min(args.steps, stop_after or args.steps)):
         img_B3HW, captions = train_batch(step, args.batch_size, args.data_seed)
         x_BLd, labels_BLD = teacher_forcing_batch(vae, img_B3HW, grids)
         drop_B = torch.rand(len(captions), generator=gen) < cond_drop
         text = drop_text(tf, enc.encode(captions), drop_B)
         logits_BLV = tf.forward_train(text, x_BLd, grids, rope)
-        loss, acc_BL = bitwise_loss(logits_BLV, labels_BLD)
+        loss, acc_BL = bitwise_loss(logits_BLV, labels_BLD, sizes if per_scale_loss else None)
         vals = {"loss": loss.item()}
         vals.update({f"acc{si}": float(a.mean()) for si, a in enumerate(acc_BL.split(sizes, dim=1))})
         vals["grad_norm"] = optimizer_step(tf, opt, loss, step, args)

@@ -33,7 +33,9 @@ class ServiceSettings(BaseSettings):
     heartbeat_stale_s: float = Field(10.0, gt=0)
 
     # model and worker
-    model_preset: str = "tiny-2b"
+    model_preset: str = "demo"
+    """``demo``: the shipped small model trained on procedural shapes (128 px, CPU); ``tiny-2b`` /
+    ``tiny-8b``: random-weight test models; ``infinity-*``: the official models (bring the files)."""
     transformer_path: str | None = None
     vae_path: str | None = None
     text_encoder_path: str | None = None

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from demo.train_common import TrainArgs
 from demo.train_transformer import train_transformer
@@ -64,3 +65,20 @@ def test_vae_gate_report(vae_dir: Path) -> None:
     vae.load_state_dict(read_safetensors(vae_dir / "vae.safetensors"))
     r = vae_report(vae.eval(), n=4, batch=2)
     assert r["images"] == 4 and math.isfinite(r["psnr_db"]) and 0.0 <= r["adherence"] < 0.8
+
+
+def test_per_scale_loss_weighs_scales_equally() -> None:
+    """Scale 0 (1 token) all wrong, scale 1 (4 tokens) all right: the per-scale mean is half the wrong-token CE."""
+    from demo.train_transformer import bitwise_loss
+
+    labels_BLD = torch.zeros(1, 5, 3, dtype=torch.long)
+    logits_BLD2 = torch.zeros(1, 5, 3, 2)
+    logits_BLD2[..., 0], logits_BLD2[..., 1] = 4.0, -4.0  # every bit predicts 0 confidently
+    logits_BLD2[:, 0, :, 0], logits_BLD2[:, 0, :, 1] = -4.0, 4.0  # token 0 predicts 1: wrong
+    wrong, right = F.cross_entropy(torch.tensor([[-4.0, 4.0]]), torch.tensor([0])), \
+        F.cross_entropy(torch.tensor([[4.0, -4.0]]), torch.tensor([0]))
+    per_token, acc_BL = bitwise_loss(logits_BLD2.view(1, 5, 6), labels_BLD)
+    per_scale, _ = bitwise_loss(logits_BLD2.view(1, 5, 6), labels_BLD, [1, 4])
+    assert per_token == pytest.approx(float(wrong + 4 * right) / 5, rel=1e-5)
+    assert per_scale == pytest.approx(float(wrong + right) / 2, rel=1e-5)
+    assert acc_BL.tolist() == [[0.0, 1.0, 1.0, 1.0, 1.0]]

@@ -70,7 +70,7 @@ def test_cpu_profile_needs_no_gpu_and_uses_the_default_model(cpu_config: dict[st
         assert "deploy" not in service or "reservations" not in service["deploy"].get("resources", {})
         env = service["environment"]
         assert env["LDSERVE_DEVICE"] == "cpu"
-        assert env["LDSERVE_MODEL_PRESET"] == "tiny-2b"
+        assert env["LDSERVE_MODEL_PRESET"] == "demo"
         assert not any(str(v).endswith(":/models:ro") for v in service.get("volumes", []))
     # Same scrape targets as the gpu services: the cpu ones answer to the names `api` and `worker`.
     assert "api" in cpu_config["services"]["api-cpu"]["networks"]["default"]["aliases"]

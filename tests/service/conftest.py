@@ -73,6 +73,7 @@ class Proc:
 def base_env(redis_url: str, prefix: str, **overrides: object) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LDSERVE_")}
     env.update({"LDSERVE_REDIS_URL": redis_url, "LDSERVE_KEY_PREFIX": prefix, "LDSERVE_LOG_LEVEL": "info",
+                "LDSERVE_MODEL_PRESET": "tiny-2b",  # the fastest model; test_demo_default runs the default
                 "LDSERVE_HEARTBEAT_S": "0.3", "LDSERVE_HEARTBEAT_STALE_S": "3", "PYTHONUNBUFFERED": "1"})
     env.update({f"LDSERVE_{k.upper()}": str(v) for k, v in overrides.items()})
     return env
