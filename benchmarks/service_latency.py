@@ -53,9 +53,9 @@ def direct(n: int) -> list[float]:
 
 
 def start_server(redis_url: str, port: int) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "LDSERVE_MODEL_PRESET": "tiny-2b", "LDSERVE_REDIS_URL": redis_url, "LDSERVE_KEY_PREFIX": "bench",
-           "LDSERVE_MAX_BATCH_SIZE": "4",
-           "LDSERVE_MAX_QUEUE_LEN": "256", "LDSERVE_LOG_LEVEL": "warning"}
+    env = {**os.environ, "LDSERVE_MODEL_PRESET": "tiny-2b", "LDSERVE_REDIS_URL": redis_url,
+           "LDSERVE_KEY_PREFIX": "bench", "LDSERVE_MAX_BATCH_SIZE": "4", "LDSERVE_MAX_QUEUE_LEN": "256",
+           "LDSERVE_LOG_LEVEL": "warning"}
     proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port)], cwd=ROOT, env=env)
     for _ in range(600):
         try:
