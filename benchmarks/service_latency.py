@@ -1,7 +1,8 @@
 """Added latency of HTTP + Redis + batching over a direct Engine.generate call, and throughput vs concurrency.
 
-Starts an embedded redis-server and `ldserve serve` (tiny-2b, random weights) on loopback, then:
-1. direct: Engine.generate for one 256 px image in this process (N runs);
+Starts an embedded redis-server and `ldserve serve` (``--preset``: tiny-2b, random weights, 256 px
+noise images, by default; ``demo``: the shipped demo model, 128 px pictures) on loopback, then:
+1. direct: Engine.generate for one image in this process (N runs);
 2. service: N sequential POST /generate (same request); added latency per request =
    end-to-end time - the server-reported inference time of its batch (so CPU noise in the
    model itself cancels out), plus e2e p50 - direct p50;
@@ -35,12 +36,17 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
 
 
-def direct(n: int) -> list[float]:
+def direct(n: int, preset: str) -> list[float]:
     from model_loader.sampling import SamplingParams
     from pruning.config import pruning_config
     from pruning.engine import Engine, ImageRequest, grids_for
 
-    engine = Engine.from_preset("tiny-2b")
+    if preset == "demo":
+        from demo.model import load_demo_engine
+
+        engine = load_demo_engine()
+    else:
+        engine = Engine.from_preset(preset)
     engine.warmup()
     grids = grids_for(1.0, "0.06M")
     req = [ImageRequest(BODY["prompt"], SamplingParams(cfg=3.0, tau=0.5, seed=1), pruning_config("balanced"))]
@@ -52,8 +58,8 @@ def direct(n: int) -> list[float]:
     return out
 
 
-def start_server(redis_url: str, port: int) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "LDSERVE_MODEL_PRESET": "tiny-2b", "LDSERVE_REDIS_URL": redis_url,
+def start_server(redis_url: str, port: int, preset: str = "tiny-2b") -> subprocess.Popen[bytes]:
+    env = {**os.environ, "LDSERVE_MODEL_PRESET": preset, "LDSERVE_REDIS_URL": redis_url,
            "LDSERVE_KEY_PREFIX": "bench", "LDSERVE_MAX_BATCH_SIZE": "4", "LDSERVE_MAX_QUEUE_LEN": "256",
            "LDSERVE_LOG_LEVEL": "warning"}
     proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port)], cwd=ROOT, env=env)
@@ -99,12 +105,14 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=30)
     ap.add_argument("--per-client", type=int, default=4)
+    ap.add_argument("--preset", default="tiny-2b", choices=("tiny-2b", "demo"))
     args = ap.parse_args()
-    d = direct(args.n)
-    print(f"direct Engine.generate (1 image, 256 px): p50 {pct(d, .5) * 1000:.1f} ms  p99 {pct(d, .99) * 1000:.1f} ms")
+    d = direct(args.n, args.preset)
+    print(f"direct Engine.generate ({args.preset}, 1 image): p50 {pct(d, .5) * 1000:.1f} ms  "
+          f"p99 {pct(d, .99) * 1000:.1f} ms")
     port = 18931
     with EmbeddedRedis() as redis_server:
-        proc = start_server(redis_server.url, port)
+        proc = start_server(redis_server.url, port, args.preset)
         try:
             url = f"http://127.0.0.1:{port}"
             e2e, added = sequential(url, args.n)
