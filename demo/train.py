@@ -27,6 +27,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--save-every", type=int, default=0, help="also save every N steps (0: only at the end)")
+    p.add_argument("--device", default="cpu", help="cpu, or cuda on a lent GPU (float32 either way)")
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
     g = p.add_argument_group("vae")
     g.add_argument("--crop", type=int, default=128, help="random square crops (64: a cheaper first phase)")
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     d = DEFAULTS[a.what]
     args = TrainArgs(out=a.out, steps=a.steps, batch_size=a.batch_size or d["batch_size"], lr=a.lr or d["lr"],
                      seed=a.seed, data_seed=a.data_seed, weight_decay=a.weight_decay, grad_clip=a.grad_clip,
-                     log_every=a.log_every, save_every=a.save_every)
+                     log_every=a.log_every, save_every=a.save_every, device=a.device)
     if a.what == "vae":
         from .train_vae import train_vae
 

@@ -36,6 +36,8 @@ class TrainArgs:
     grad_clip: float = 1.0
     log_every: int = 10
     save_every: int = 0
+    device: str = "cpu"
+    """Where the models and batches live ("cuda" on a lent GPU); data is drawn on the CPU either way."""
     extra: dict[str, Any] = field(default_factory=dict)
 
 

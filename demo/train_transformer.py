@@ -126,7 +126,7 @@ def train_transformer(args: TrainArgs, vae_path: str | Path, *, cfg: Transformer
     """Writes ``<out>/transformer.safetensors``, ``transformer.json`` and ``<out>/text_encoder/``."""
     seed_everything(args.seed)
     grids = SCHEDULE
-    vae = load_frozen_vae(vae_path, vae_cfg)
+    vae = load_frozen_vae(vae_path, vae_cfg).to(args.device)
     enc = demo_text_encoder(text_encoder_dir or args.out / "text_encoder", cfg.text_maxlen)
     if enc.d_model != cfg.text_channels:
         raise ValueError(f"text encoder d_model {enc.d_model} != text_channels {cfg.text_channels}")
@@ -134,7 +134,8 @@ def train_transformer(args: TrainArgs, vae_path: str | Path, *, cfg: Transformer
     if init is not None:
         tf.load_state_dict(read_safetensors(Path(init)))
         logger.info("initialised the transformer from %s", init)
-    rope = rope_tables(cfg.head_dim, rope_positions(tuple(grids)))
+    tf.to(args.device)
+    rope = rope_tables(cfg.head_dim, rope_positions(tuple(grids))).to(args.device)
     sizes = [h * w for h, w in grids]
     args = replace(args, extra={**args.extra, "vae": str(vae_path), "cond_drop": cond_drop,
                                 "per_scale_loss": per_scale_loss, "init": str(init) if init else None,
@@ -146,9 +147,10 @@ def train_transformer(args: TrainArgs, vae_path: str | Path, *, cfg: Transformer
                 sum(p.numel() for p in tf.parameters()) / 1e6, sum(sizes))
     for step in range(min(args.steps, stop_after or args.steps)):
         img_B3HW, captions = train_batch(step, args.batch_size, args.data_seed)
+        img_B3HW = img_B3HW.to(args.device)
         x_BLd, labels_BLD = teacher_forcing_batch(vae, img_B3HW, grids)
-        drop_B = torch.rand(len(captions), generator=gen) < cond_drop
-        text = drop_text(tf, enc.encode(captions), drop_B)
+        drop_B = (torch.rand(len(captions), generator=gen) < cond_drop).to(args.device)
+        text = drop_text(tf, enc.encode(captions).to(args.device), drop_B)
         logits_BLV = tf.forward_train(text, x_BLd, grids, rope)
         loss, acc_BL = bitwise_loss(logits_BLV, labels_BLD, sizes if per_scale_loss else None)
         vals = {"loss": loss.item()}

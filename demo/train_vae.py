@@ -93,7 +93,7 @@ def train_vae(args: TrainArgs, cfg: VAEConfig = DEMO_PRESET.vae, *, crop: int = 
     if init is not None:
         vae.load_state_dict(read_safetensors(Path(init)))
         logger.info("initialised the VAE from %s", init)
-    vae.train()
+    vae.to(args.device).train()
     grids = crop_schedule(crop, cfg.patch_size)
     args = replace(args, extra={**args.extra, "crop": crop, "beta": beta, "init": init, "grids": grids,
                                 "shape_weight": shape_weight})
@@ -104,6 +104,7 @@ def train_vae(args: TrainArgs, cfg: VAEConfig = DEMO_PRESET.vae, *, crop: int = 
                 crop, grids)
     for step in range(args.steps):
         img_B3HW, _ = train_batch(step, args.batch_size, args.data_seed)
+        img_B3HW = img_B3HW.to(args.device)
         loss, vals = vae_loss(vae, random_crop(img_B3HW, crop, gen), grids, beta, shape_weight)
         vals["grad_norm"] = optimizer_step(vae, opt, loss, step, args)
         log.record(step, **vals)
