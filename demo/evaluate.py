@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model_loader.checkpoint_io import read_safetensors
 from model_loader.schedules import scale_schedule
 from model_loader.vae import BSQVAE, image_to_uint8
 
@@ -32,10 +31,11 @@ EVAL_SEED = 0
 
 
 def load_vae(path: str | Path) -> BSQVAE:
+    """The demo VAE from a weights folder or a vae.safetensors file (frozen, eval mode)."""
+    from .train_transformer import load_frozen_vae
+
     p = Path(path)
-    vae = BSQVAE(DEMO_PRESET.vae)
-    vae.load_state_dict({k: v.float() for k, v in read_safetensors(p / "vae.safetensors" if p.is_dir() else p).items()})
-    return vae.eval()
+    return load_frozen_vae(p / "vae.safetensors" if p.is_dir() else p, DEMO_PRESET.vae)
 
 
 @torch.no_grad()
