@@ -118,16 +118,17 @@ def main(argv: list[str] | None = None) -> int:
     keys = ["smoke"] if args.smoke else args.models.split(",")
     rows = []
     for k in keys:
-        rows += bench_model(k, device, args.repeats, args.smoke)
+        model_rows = bench_model(k, device, args.repeats, args.smoke)
+        for r in model_rows:  # printed per model, so a run cut short keeps what it finished
+            if args.json:
+                print(json.dumps(r), flush=True)
+            else:
+                print(f"{r['card']:<28} {r['model']:<12} {r['policy']:<24} {r['latency_s']:>8.3f} s "
+                      f"speedup {r['speedup']:>6.3f}  ideal {r['ideal_speedup']:>6.3f}", flush=True)
+        rows += model_rows
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
-    for r in rows:
-        if args.json:
-            print(json.dumps(r))
-        else:
-            print(f"{r['card']:<28} {r['model']:<12} {r['policy']:<24} {r['latency_s']:>8.3f} s "
-                  f"speedup {r['speedup']:>6.3f}  ideal {r['ideal_speedup']:>6.3f}")
     return 0 if all(math.isfinite(r["latency_s"]) for r in rows) else 1
 
 

@@ -39,29 +39,31 @@ def load_vae(path: str | Path) -> BSQVAE:
 
 
 @torch.no_grad()
-def vae_report(vae: BSQVAE, n: int = 64, batch: int = 16) -> dict[str, float]:
+def vae_report(vae: BSQVAE, n: int = 64, batch: int = 16, device: str = "cpu") -> dict[str, float]:
     """Reconstruction PSNR (dB, images in [-1, 1]) and checker scores on ``n`` held-out images."""
     samples = make_split(n, EVAL_SEED, "heldout")
     grids = list(scale_schedule(1.0, DEMO_PRESET.pn))
     mse, images = [], []
+    vae = vae.to(device)
     for i in range(0, n, batch):
         x_B3HW, _ = batch_tensors(samples[i:i + batch])
+        x_B3HW = x_B3HW.to(device)
         f_hat, _ = vae.quantize_multiscale(vae.encode(x_B3HW), grids)
         rec_B3HW = vae.decode(f_hat)
         mse += ((rec_B3HW - x_B3HW) ** 2).mean(dim=(1, 2, 3)).tolist()
-        images += [im.numpy() for im in image_to_uint8(rec_B3HW)]
+        images += [im.cpu().numpy() for im in image_to_uint8(rec_B3HW)]
     psnr = float(np.mean([10 * math.log10(4.0 / max(m, 1e-12)) for m in mse]))
     return {"images": n, "psnr_db": round(psnr, 2), **mean_scores(images, [s.attributes for s in samples])}
 
 
-def model_report(weights_dir: str | Path, n: int = 64, batch: int = 8) -> dict[str, float]:
+def model_report(weights_dir: str | Path, n: int = 64, batch: int = 8, device: str = "cpu") -> dict[str, float]:
     """Unpruned adherence of the full demo model on ``n`` held-out captions."""
     from model_loader.sampling import SamplingParams
     from pruning.engine import ImageRequest, grids_for
 
     from .model import load_demo_engine
 
-    engine = load_demo_engine(weights_dir)
+    engine = load_demo_engine(weights_dir, device=device)
     d = DEMO_PRESET.sampling
     samples = make_split(n, EVAL_SEED, "heldout")
     grids = grids_for(1.0, DEMO_PRESET.pn)
@@ -69,7 +71,7 @@ def model_report(weights_dir: str | Path, n: int = 64, batch: int = 8) -> dict[s
     for i in range(0, n, batch):
         reqs = [ImageRequest(s.caption, SamplingParams(cfg=d.cfg, tau=d.tau, top_k=d.top_k, top_p=d.top_p, seed=i + j))
                 for j, s in enumerate(samples[i:i + batch])]
-        images += [r.image_HW3.numpy() for r in engine.generate(reqs, grids)]
+        images += [r.image_HW3.cpu().numpy() for r in engine.generate(reqs, grids)]
     return {"images": n, **mean_scores(images, [s.attributes for s in samples])}
 
 
@@ -79,8 +81,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("what", choices=("vae", "model"))
     p.add_argument("path", type=Path)
     p.add_argument("--n", type=int, default=64)
+    p.add_argument("--device", default="cpu")
     a = p.parse_args(argv)
-    report = vae_report(load_vae(a.path), a.n) if a.what == "vae" else model_report(a.path, a.n)
+    report = (vae_report(load_vae(a.path), a.n, device=a.device) if a.what == "vae"
+              else model_report(a.path, a.n, device=a.device))
     print(json.dumps(report))
 
 

@@ -27,8 +27,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--save-every", type=int, default=0, help="also save every N steps (0: only at the end)")
-    p.add_argument("--device", default="cpu", help="cpu, or cuda on a lent GPU (float32 either way)")
+    p.add_argument("--device", default="cpu",
+                   help="cpu, or cuda on a lent GPU (float32 weights either way; TF32 matmuls on cuda)")
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
+    p.add_argument("--workers", type=int, default=0, help="processes rendering batches ahead (a GPU needs ~14)")
+    p.add_argument("--minutes", type=float,
+                   help="wall-clock budget: --steps becomes an upper bound, fitted after 20 steps")
     g = p.add_argument_group("vae")
     g.add_argument("--crop", type=int, default=128, help="random square crops (64: a cheaper first phase)")
     g.add_argument("--beta", type=float, default=0.1, help="commitment weight")
@@ -51,7 +55,10 @@ def main(argv: list[str] | None = None) -> None:
     d = DEFAULTS[a.what]
     args = TrainArgs(out=a.out, steps=a.steps, batch_size=a.batch_size or d["batch_size"], lr=a.lr or d["lr"],
                      seed=a.seed, data_seed=a.data_seed, weight_decay=a.weight_decay, grad_clip=a.grad_clip,
-                     log_every=a.log_every, save_every=a.save_every, device=a.device)
+                     log_every=a.log_every, save_every=a.save_every, device=a.device, workers=a.workers,
+                     minutes=a.minutes)
+    if torch.device(a.device).type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls on a GPU; float32 storage and optimizer
     if a.what == "vae":
         from .train_vae import train_vae
 

@@ -7,7 +7,8 @@ import logging
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,10 @@ class TrainArgs:
     save_every: int = 0
     device: str = "cpu"
     """Where the models and batches live ("cuda" on a lent GPU); data is drawn on the CPU either way."""
+    workers: int = 0
+    """Processes rendering batches ahead (0: in the training process)."""
+    minutes: float | None = None
+    """Wall-clock budget: ``steps`` is then an upper bound, fitted after a probe (see TimeBudget)."""
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -50,6 +55,54 @@ def seed_everything(seed: int) -> None:
 def train_batch(step: int, batch_size: int, data_seed: int) -> tuple[torch.Tensor, list[str]]:
     """Batch ``step`` of the (infinite, deterministic) train stream: samples step*B .. step*B+B-1."""
     return batch_tensors(make_split(batch_size, data_seed, "train", start=step * batch_size))
+
+
+class _StreamBatches(torch.utils.data.Dataset):
+    """Batches ``0 .. steps - 1`` of the train stream, by index (so worker processes can draw them)."""
+
+    def __init__(self, steps: int, batch_size: int, data_seed: int) -> None:
+        self.steps, self.batch_size, self.data_seed = steps, batch_size, data_seed
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __getitem__(self, step: int) -> tuple[torch.Tensor, list[str]]:
+        return train_batch(step, self.batch_size, self.data_seed)
+
+
+def train_batches(steps: int, batch_size: int, data_seed: int,
+                  workers: int = 0) -> Iterator[tuple[torch.Tensor, list[str]]]:
+    """Batches 0, 1, ... of the train stream, in order; with ``workers`` they are rendered ahead in
+    that many processes (the same batches: a GPU step outruns one CPU core's ~10 ms per image)."""
+    ds = _StreamBatches(steps, batch_size, data_seed)
+    if workers <= 0:
+        yield from (ds[i] for i in range(steps))
+        return
+    yield from torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=workers,
+                                           prefetch_factor=4, persistent_workers=False)
+
+
+class TimeBudget:
+    """Fits a run's step count to a wall-clock budget: after ``probe`` steps the remaining time over
+    the median step time gives the total, so the LR schedule (warm-up, cosine) ends with the budget."""
+
+    def __init__(self, minutes: float | None, probe: int = 20) -> None:
+        self.seconds = None if minutes is None else minutes * 60.0
+        self.probe = probe
+        self._t0 = time.perf_counter()
+
+    def fit(self, step: int, args: TrainArgs, log: RunLog) -> TrainArgs:
+        """``args`` with ``steps`` fitted once ``step + 1 == probe`` (unchanged otherwise)."""
+        if self.seconds is None or step + 1 != self.probe:
+            return args
+        per_step = float(np.median(log.step_times[max(1, self.probe // 4):])) if len(log.step_times) > 1 \
+            else log.step_times[-1]
+        left = self.seconds - (time.perf_counter() - self._t0)
+        steps = max(step + 1, min(args.steps, step + 1 + int(left / max(per_step, 1e-6))))
+        logger.info("time budget %.0f s: %.3f s/step -> %d steps", self.seconds, per_step, steps)
+        args = replace(args, steps=steps)
+        log.args = args
+        return args
 
 
 def make_optimizer(module: nn.Module, lr: float, weight_decay: float,

@@ -31,7 +31,16 @@ from model_loader.transformer import InfinityTransformer
 from model_loader.vae import BSQVAE, bits_to_codes, resize_codes, vae_bits_to_tokens
 
 from .preset import DEMO_PRESET, build_demo_text_encoder
-from .train_common import RunLog, TrainArgs, make_optimizer, optimizer_step, save_run, seed_everything, train_batch
+from .train_common import (
+    RunLog,
+    TimeBudget,
+    TrainArgs,
+    make_optimizer,
+    optimizer_step,
+    save_run,
+    seed_everything,
+    train_batches,
+)
 from .train_vae import SCHEDULE
 
 logger = logging.getLogger(__name__)
@@ -43,11 +52,11 @@ def load_frozen_vae(path: str | Path, cfg: VAEConfig) -> BSQVAE:
     return vae.eval().requires_grad_(False)
 
 
-def demo_text_encoder(folder: Path, max_length: int) -> T5TextEncoder:
-    """The demo tiny T5 from ``folder``, built there first if absent."""
+def demo_text_encoder(folder: Path, max_length: int, device: str = "cpu") -> T5TextEncoder:
+    """The demo tiny T5 from ``folder``, built there first if absent (float32 on any device)."""
     if not (folder / "config.json").is_file():
         build_demo_text_encoder(folder)
-    return T5TextEncoder(folder, device="cpu", dtype=torch.float32, max_length=max_length, pad_to_max_length=False)
+    return T5TextEncoder(folder, device=device, dtype=torch.float32, max_length=max_length, pad_to_max_length=False)
 
 
 @torch.no_grad()
@@ -127,7 +136,7 @@ def train_transformer(args: TrainArgs, vae_path: str | Path, *, cfg: Transformer
     seed_everything(args.seed)
     grids = SCHEDULE
     vae = load_frozen_vae(vae_path, vae_cfg).to(args.device)
-    enc = demo_text_encoder(text_encoder_dir or args.out / "text_encoder", cfg.text_maxlen)
+    enc = demo_text_encoder(text_encoder_dir or args.out / "text_encoder", cfg.text_maxlen, args.device)
     if enc.d_model != cfg.text_channels:
         raise ValueError(f"text encoder d_model {enc.d_model} != text_channels {cfg.text_channels}")
     tf = build_transformer_for_training(cfg, args.seed)
@@ -145,9 +154,12 @@ def train_transformer(args: TrainArgs, vae_path: str | Path, *, cfg: Transformer
     log = RunLog(args)
     logger.info("transformer %s: %.2fM parameters, %d tokens per image", cfg,
                 sum(p.numel() for p in tf.parameters()) / 1e6, sum(sizes))
-    for step in range(min(args.steps, stop_after or args.steps)):
-        img_B3HW, captions = train_batch(step, args.batch_size, args.data_seed)
-        img_B3HW = img_B3HW.to(args.device)
+    budget = TimeBudget(args.minutes)
+    batches = train_batches(args.steps, args.batch_size, args.data_seed, args.workers)
+    for step, (img_B3HW, captions) in enumerate(batches):
+        if step >= min(args.steps, stop_after or args.steps):  # --stop-after, or a fitted time budget
+            break
+        img_B3HW = img_B3HW.to(args.device, non_blocking=True)
         x_BLd, labels_BLD = teacher_forcing_batch(vae, img_B3HW, grids)
         drop_B = (torch.rand(len(captions), generator=gen) < cond_drop).to(args.device)
         text = drop_text(tf, enc.encode(captions).to(args.device), drop_B)
@@ -157,8 +169,10 @@ def train_transformer(args: TrainArgs, vae_path: str | Path, *, cfg: Transformer
         vals.update({f"acc{si}": float(a.mean()) for si, a in enumerate(acc_BL.split(sizes, dim=1))})
         vals["grad_norm"] = optimizer_step(tf, opt, loss, step, args)
         log.record(step, **vals)
+        args = budget.fit(step, args, log)
         if args.save_every and step and step % args.save_every == 0:
             save_run(tf, args.out, "transformer", cfg, args, log)
+    batches.close()
     tf.eval()
     save_run(tf, args.out, "transformer", cfg, args, log)
     return tf

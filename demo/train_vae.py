@@ -24,7 +24,16 @@ from model_loader.vae import BSQVAE
 
 from .dataset import MODEL_IMAGE_SIZE
 from .preset import DEMO_PRESET
-from .train_common import RunLog, TrainArgs, make_optimizer, optimizer_step, save_run, seed_everything, train_batch
+from .train_common import (
+    RunLog,
+    TimeBudget,
+    TrainArgs,
+    make_optimizer,
+    optimizer_step,
+    save_run,
+    seed_everything,
+    train_batches,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -102,14 +111,19 @@ def train_vae(args: TrainArgs, cfg: VAEConfig = DEMO_PRESET.vae, *, crop: int = 
     log = RunLog(args)
     logger.info("VAE %s: %.2fM parameters, crop %d, grids %s", cfg, sum(p.numel() for p in vae.parameters()) / 1e6,
                 crop, grids)
-    for step in range(args.steps):
-        img_B3HW, _ = train_batch(step, args.batch_size, args.data_seed)
-        img_B3HW = img_B3HW.to(args.device)
+    budget = TimeBudget(args.minutes)
+    batches = train_batches(args.steps, args.batch_size, args.data_seed, args.workers)
+    for step, (img_B3HW, _) in enumerate(batches):
+        if step >= args.steps:  # a time budget may have shortened the run
+            break
+        img_B3HW = img_B3HW.to(args.device, non_blocking=True)
         loss, vals = vae_loss(vae, random_crop(img_B3HW, crop, gen), grids, beta, shape_weight)
         vals["grad_norm"] = optimizer_step(vae, opt, loss, step, args)
         log.record(step, **vals)
+        args = budget.fit(step, args, log)
         if args.save_every and step and step % args.save_every == 0:
             save_run(vae, args.out, "vae", cfg, args, log)
+    batches.close()
     vae.eval()
     save_run(vae, args.out, "vae", cfg, args, log)
     return vae

@@ -82,3 +82,25 @@ def test_per_scale_loss_weighs_scales_equally() -> None:
     assert per_token == pytest.approx(float(wrong + 4 * right) / 5, rel=1e-5)
     assert per_scale == pytest.approx(float(wrong + right) / 2, rel=1e-5)
     assert acc_BL.tolist() == [[0.0, 1.0, 1.0, 1.0, 1.0]]
+
+
+def test_worker_processes_draw_the_same_batches() -> None:
+    """--workers only moves rendering into other processes: same images, same captions, same order."""
+    from demo.train_common import train_batches
+
+    inline = list(train_batches(3, 2, data_seed=7, workers=0))
+    ahead = list(train_batches(3, 2, data_seed=7, workers=2))
+    assert len(ahead) == 3
+    for (a_img, a_cap), (b_img, b_cap) in zip(inline, ahead, strict=True):
+        assert a_cap == b_cap
+        assert torch.equal(a_img, b_img)
+    assert inline[0][1] != inline[1][1]
+
+
+def test_time_budget_fits_the_step_count(vae_dir: Path, tmp_path: Path) -> None:
+    """A budget far shorter than --steps ends the run after the probe, and the log says how many ran."""
+    args = TrainArgs(out=tmp_path, steps=10_000, batch_size=2, lr=1e-3, minutes=1e-4)
+    train_vae(args, TINY_VAE, crop=64)
+    meta = json.loads((tmp_path / "vae.json").read_text())
+    assert meta["steps_done"] == 20  # the probe; the 6 ms budget leaves room for no more
+    assert meta["args"]["steps"] == 20 and meta["args"]["minutes"] == 1e-4

@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# One lent-GPU session (issue 3's GPU table, issue 6's GPU training), run from the repo root:
+#
+#   bash benchmarks/gpu_session.sh smoke   # ~1 min: CUDA paths of the loop, trainers, evaluators
+#   bash benchmarks/gpu_session.sh full    # ~9 min: gpu_bench 2B/8B, then VAE and transformer training
+#
+# Writes under $OUT (default ./gpu_out): session.log, gpu_bench.jsonl, and in full mode the trained
+# weights (vae.safetensors fp32, transformer.safetensors bf16) with their run logs. Every stage is
+# bounded by `timeout` and a failing stage does not stop the next one.
+# INIT_TRANSFORMER (default demo/weights/transformer.safetensors) is the transformer to continue from.
+set -u
+MODE=${1:-smoke}
+OUT=${OUT:-gpu_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+LOG="$OUT/session.log"
+PY=${PYTHON:-python3}
+INIT_TF=${INIT_TRANSFORMER:-demo/weights/transformer.safetensors}
+WORKERS=${WORKERS:-14}
+DEV=${DEVICE:-cuda}
+stage() { echo "=== $(date +%T) $*" | tee -a "$LOG"; }
+run() { local t=$1; shift; timeout "$t" "$@" 2>&1 | tee -a "$LOG"; echo "rc=${PIPESTATUS[0]}" | tee -a "$LOG"; }
+
+stage env
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee -a "$LOG"
+$PY -c "import torch, transformers; print(torch.__version__, transformers.__version__, torch.cuda.is_available() and torch.cuda.get_device_name())" \
+    2>&1 | tee -a "$LOG"
+
+WORK=/tmp/ldserve_gpu
+rm -rf "$WORK"; mkdir -p "$WORK/vae" "$WORK/tf"
+cp -r demo/weights/text_encoder "$WORK/tf/text_encoder"   # the shipped (deterministic) tiny T5
+
+if [ "$MODE" = smoke ]; then
+  stage "gpu_bench tiny on cuda"
+  run 120 $PY benchmarks/gpu_bench.py --models smoke --repeats 1 --json
+  stage "vae 30 steps"
+  run 120 $PY -m demo.train vae --device "$DEV" --workers "$WORKERS" --steps 40 --batch-size 32 --lr 1e-3 \
+      --init demo/weights/vae.safetensors --data-seed 5 --out "$WORK/vae" --log-every 10
+  stage "vae gate on cuda (16 images)"
+  run 60 $PY -m demo.evaluate vae "$WORK/vae" --device "$DEV" --n 16
+  stage "transformer 30 steps"
+  run 120 $PY -m demo.train transformer --device "$DEV" --workers "$WORKERS" --steps 30 --batch-size 64 --lr 5e-4 \
+      --per-scale-loss --init-transformer "$INIT_TF" --vae demo/weights/vae.safetensors --data-seed 3 \
+      --out "$WORK/tf" --log-every 10
+  stage "model gate on cuda (8 captions, shipped weights)"
+  run 60 $PY -m demo.evaluate model demo/weights --device "$DEV" --n 8
+  stage done
+  exit 0
+fi
+
+stage "gpu_bench 2b,8b at 1024x1024"
+run "${BENCH_S:-170}" $PY benchmarks/gpu_bench.py --models 2b,8b --repeats 5 --json | tee "$OUT/gpu_bench.jsonl"
+
+stage "vae: continue the shipped VAE"
+run $(( ${VAE_S:-90} + 60 )) $PY -m demo.train vae --device "$DEV" --workers "$WORKERS" --minutes "$(awk "BEGIN{print ${VAE_S:-90}/60}")" \
+    --steps 100000 --batch-size 32 --lr 1e-3 --init demo/weights/vae.safetensors --data-seed 5 --out "$WORK/vae" \
+    --log-every 200
+stage "vae gates (64 held-out images): shipped, then new"
+run 60 $PY -m demo.evaluate vae demo/weights --device "$DEV" | tee "$WORK/vae_old.json"
+run 60 $PY -m demo.evaluate vae "$WORK/vae" --device "$DEV" | tee "$WORK/vae_new.json"
+VAE=demo/weights/vae.safetensors
+if $PY - "$WORK/vae_old.json" "$WORK/vae_new.json" <<'EOF'
+import json, sys
+old, new = (json.loads(open(p).readline()) for p in sys.argv[1:])
+sys.exit(0 if new["adherence"] > old["adherence"] and new["psnr_db"] > old["psnr_db"] else 1)
+EOF
+then VAE="$WORK/vae/vae.safetensors"; fi
+stage "transformer on $VAE"
+cp "$VAE" "$WORK/tf/vae.safetensors"
+run $(( ${TF_S:-200} + 60 )) $PY -m demo.train transformer --device "$DEV" --workers "$WORKERS" \
+    --minutes "$(awk "BEGIN{print ${TF_S:-200}/60}")" --steps 100000 --batch-size 64 --lr 5e-4 --per-scale-loss \
+    --init-transformer "$INIT_TF" --vae "$WORK/tf/vae.safetensors" --data-seed 3 --out "$WORK/tf" --log-every 200
+stage export
+run 60 $PY -m demo.model export "$WORK/tf" "$WORK/export"
+cp "$WORK/export/vae.safetensors" "$WORK/export/transformer.safetensors" "$OUT/" 2>/dev/null
+cp "$WORK/tf/transformer.json" "$OUT/transformer.json" 2>/dev/null
+cp "$WORK/vae/vae.json" "$OUT/vae.json" 2>/dev/null
+stage "model gate on cuda (64 held-out captions)"
+run 90 $PY -m demo.evaluate model "$WORK/export" --device "$DEV"
+stage done
