@@ -185,17 +185,19 @@ class Notifier:
                         ev.set()
                 await asyncio.sleep(0.5)
 
-    async def wait(self, job_id: str, timeout_s: float) -> str | None:
-        """Wait until the job is terminal or the timeout passes; returns the last seen status."""
+    async def wait(self, job_id: str, timeout_s: float) -> Job | None:
+        """Wait until the job is terminal or the timeout passes; returns the job as last read (None if
+        it no longer exists). Each check reads the whole hash, so the wake-up that finds the job
+        terminal already holds its result: one Redis round trip instead of a status read and a get."""
         ev = asyncio.Event()
         self._waiters.setdefault(job_id, set()).add(ev)
         deadline = time.monotonic() + timeout_s
         try:
             while True:
-                status = await self.queue.status(job_id)  # registered first, so no event is missed
+                job = await self.queue.get(job_id)  # registered first, so no event is missed
                 left = deadline - time.monotonic()
-                if status is None or status in TERMINAL or left <= 0:
-                    return status
+                if job is None or job.terminal or left <= 0:
+                    return job
                 try:
                     await asyncio.wait_for(ev.wait(), timeout=left)
                 except asyncio.TimeoutError:
