@@ -73,7 +73,27 @@ def timed(fn, device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
-def bench_model(key: str, device: torch.device, repeats: int, smoke: bool) -> list[dict]:
+def profile(model, text, grids, params, policies, key: str, out: Path, device: torch.device) -> None:
+    """One run of each policy under torch.profiler: ``<out>/<model>_<policy>.txt`` (top ops by
+    device time, or CPU time without a GPU) and a Chrome trace ``.json`` beside it."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    out.mkdir(parents=True, exist_ok=True)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    for name, make in policies.items():
+        with torch_profile(activities=acts) as prof:
+            generate(model, text, grids, params, [make()])
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        stem = f"{key}_{''.join(c if c.isalnum() else '-' for c in name)}"
+        (out / f"{stem}.txt").write_text(prof.key_averages().table(sort_by=sort, row_limit=30))
+        prof.export_chrome_trace(str(out / f"{stem}.json"))
+
+
+def bench_model(key: str, device: torch.device, repeats: int, smoke: bool,
+                profile_dir: Path | None = None) -> list[dict]:
     model = random_model_on(MODELS[key], device, bf16_blocks=device.type == "cuda")
     grids = scale_schedule(1.0, "0.06M" if smoke else "1M")
     n = len(grids)
@@ -84,24 +104,34 @@ def bench_model(key: str, device: torch.device, repeats: int, smoke: bool) -> li
     pruned_cfg = PruningConfig(force_keep_fraction=0.35, sats=False, force_stop_scale=n - 3)
     policies = {"unpruned": NoPruning, f"ld-forced-0.35+stop@{n - 3}": lambda: LDPruning(pruned_cfg)}
     times: dict[str, list[float]] = {k: [] for k in policies}
+    scale_walls: dict[str, list[list[float]]] = {k: [] for k in policies}
     ideal: dict[str, float] = {}
 
     def run(name):
         out = generate(model, text, grids, params, [policies[name]()])
         ideal[name] = out.stats[0].ideal_speedup
+        scale_walls[name].append([sc.wall_s for sc in out.stats[0].scales])
 
     for name in policies:  # warm-up
         run(name)
+        scale_walls[name].clear()
     for _ in range(repeats):  # interleaved
         for name in policies:
             times[name].append(timed(lambda name=name: run(name), device))
+    if profile_dir is not None:
+        profile(model, text, grids, params, policies, key, profile_dir, device)
     base = statistics.median(times["unpruned"])
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     rows = []
     for name, ts in times.items():
         med = statistics.median(ts)
+        per_scale = [statistics.median(col) for col in zip(*scale_walls[name], strict=True)]
         rows.append({"card": card, "model": MODELS[key], "policy": name, "latency_s": round(med, 4),
                      "speedup": round(base / med, 3), "ideal_speedup": round(ideal[name], 3),
+                     # host clock around each scale (the loop syncs the device at its end): where the
+                     # time goes; outside_scales_ms = text state, cache set-up, VAE decode
+                     "scale_wall_ms": [round(1e3 * w, 2) for w in per_scale],
+                     "outside_scales_ms": round(1e3 * (med - sum(per_scale)), 2),
                      "repeats": repeats, "peak_mem_gb": round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
                      if device.type == "cuda" else None})
     return rows
@@ -113,12 +143,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--smoke", action="store_true", help="tiny model, 256 px, on CPU")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--profile", type=Path, help="also write a torch.profiler table and trace per policy here")
     args = ap.parse_args(argv)
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
     keys = ["smoke"] if args.smoke else args.models.split(",")
     rows = []
     for k in keys:
-        model_rows = bench_model(k, device, args.repeats, args.smoke)
+        model_rows = bench_model(k, device, args.repeats, args.smoke, args.profile)
         for r in model_rows:  # printed per model, so a run cut short keeps what it finished
             if args.json:
                 print(json.dumps(r), flush=True)

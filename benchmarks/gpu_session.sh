@@ -4,16 +4,17 @@
 #   bash benchmarks/gpu_session.sh smoke   # ~1 min: CUDA paths of the loop, trainers, evaluators
 #   bash benchmarks/gpu_session.sh full    # ~9 min: gpu_bench 2B/8B, then VAE and transformer training
 #
-# Writes under $OUT (default ./gpu_out): session.log, gpu_bench.jsonl, and in full mode the trained
-# weights (vae.safetensors fp32, transformer.safetensors bf16) with their run logs. Every stage is
-# bounded by `timeout` and a failing stage does not stop the next one.
+# Writes under $OUT (default ./gpu_out): session.log, and in full mode gpu_bench.jsonl (with per-scale
+# wall times), profiles.tgz and traces.tgz (torch.profiler tables and Chrome traces of one run per
+# policy), the trained weights (vae.safetensors fp32, transformer.safetensors bf16) and run_logs.tgz
+# (their JSON logs). Every stage is bounded by `timeout`; a failing stage does not stop the next.
 # INIT_TRANSFORMER (default demo/weights/transformer.safetensors) is the transformer to continue from.
 # Stage budgets in seconds: BENCH_S (170), VAE_S (90), TF_S (200), TF2_S (0: no stage 5). As run on
 # 2026-11-26: BENCH_S=160 VAE_S=90 TF_S=195 (421 s), then stage 5 (198 s) as a second command.
 set -u
 MODE=${1:-smoke}
-OUT=${OUT:-gpu_out}
-mkdir -p "$OUT"
+mkdir -p "${OUT:-gpu_out}"
+OUT=$(cd "${OUT:-gpu_out}" && pwd)   # absolute: some stages cd
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 LOG="$OUT/session.log"
 PY=${PYTHON:-python3}
@@ -51,8 +52,11 @@ if [ "$MODE" = smoke ]; then
 fi
 
 stage "gpu_bench 2b,8b at 1024x1024"
-run "${BENCH_S:-170}" $PY benchmarks/gpu_bench.py --models 2b,8b --repeats 5 --json
+run "${BENCH_S:-170}" $PY benchmarks/gpu_bench.py --models 2b,8b --repeats 5 --json --profile "$WORK/prof"
 grep '^{"card"' "$LOG" > "$OUT/gpu_bench.jsonl"
+# a call returns at most 8 files of 16 MB: tables in one archive, traces in another if small enough
+(cd "$WORK" && tar czf "$OUT/profiles.tgz" prof/*.txt && tar czf "$OUT/traces.tgz" prof/*.json) 2>/dev/null
+[ "$(stat -c %s "$OUT/traces.tgz" 2>/dev/null || echo 0)" -lt 15000000 ] || rm -f "$OUT/traces.tgz"
 
 stage "vae: continue the shipped VAE"
 run $(( ${VAE_S:-90} + 60 )) $PY -m demo.train vae --device "$DEV" --workers "$WORKERS" --minutes "$(awk "BEGIN{print ${VAE_S:-90}/60}")" \
@@ -76,7 +80,7 @@ run $(( ${TF_S:-200} + 60 )) $PY -m demo.train transformer --device "$DEV" --wor
 if [ "${TF2_S:-0}" -gt 0 ]; then  # stage 5 (what the shipped weights got): one call cannot hold both
   stage "transformer stage 5"
   cp "$WORK/tf/transformer.safetensors" "$WORK/tf_stage4.safetensors"
-  cp "$WORK/tf/transformer.json" "$OUT/transformer_stage4.json"
+  cp "$WORK/tf/transformer.json" "$WORK/tf/transformer_stage4.json"
   run $(( TF2_S + 60 )) $PY -m demo.train transformer --device "$DEV" --workers "$WORKERS" \
       --minutes "$(awk "BEGIN{print ${TF2_S}/60}")" --steps 100000 --batch-size 64 --lr 3e-4 --per-scale-loss \
       --init-transformer "$WORK/tf_stage4.safetensors" --vae "$WORK/tf/vae.safetensors" --data-seed 4 \
@@ -85,8 +89,8 @@ fi
 stage export
 run 60 $PY -m demo.model export "$WORK/tf" "$WORK/export"
 cp "$WORK/export/vae.safetensors" "$WORK/export/transformer.safetensors" "$OUT/" 2>/dev/null
-cp "$WORK/tf/transformer.json" "$OUT/transformer.json" 2>/dev/null
-cp "$WORK/vae/vae.json" "$OUT/vae.json" 2>/dev/null
+cp "$WORK/vae/vae.json" "$WORK/tf/vae_run.json" 2>/dev/null
+(cd "$WORK/tf" && tar czf "$OUT/run_logs.tgz" ./*.json) 2>/dev/null   # training runs' JSON logs
 stage "model gate on cuda (64 held-out captions)"
 run 90 $PY -m demo.evaluate model "$WORK/export" --device "$DEV"
 stage done

@@ -26,7 +26,13 @@ def test_pruning_bench_smoke_json():
     assert by_policy["forced-0.5"]["kept_fraction_per_scale"][-3:] == [0.5, 0.5, 0.5]
 
 
-def test_gpu_bench_smoke_runs_on_cpu():
-    rows = _json_lines(["benchmarks/gpu_bench.py", "--smoke", "--repeats", "1", "--json"])
+def test_gpu_bench_smoke_runs_on_cpu(tmp_path):
+    rows = _json_lines(["benchmarks/gpu_bench.py", "--smoke", "--repeats", "1", "--json", "--profile", str(tmp_path)])
     assert [r["policy"] for r in rows][0] == "unpruned" and len(rows) == 2
     assert rows[1]["ideal_speedup"] > 1.5
+    for r in rows:  # the per-scale breakdown covers the 7 scales of the smoke schedule
+        assert len(r["scale_wall_ms"]) == 7 and all(w > 0 for w in r["scale_wall_ms"])
+        assert sum(r["scale_wall_ms"]) < 1e3 * r["latency_s"] * 1.5
+    tables = sorted(tmp_path.glob("*.txt"))
+    assert len(tables) == 2 and all("Self CPU" in t.read_text() for t in tables)
+    assert len(list(tmp_path.glob("*.json"))) == 2
