@@ -58,6 +58,7 @@ def serve(s: ServiceSettings) -> None:
     embedded = EmbeddedRedis().start() if s.redis_url is None else None
     if embedded is not None:
         s = s.model_copy(update={"redis_url": embedded.url})
+    sys.setswitchinterval(s.switch_interval_ms / 1000)  # API thread and worker thread share the GIL
     try:
         registry = CollectorRegistry()
         api_metrics = ApiMetrics(registry)

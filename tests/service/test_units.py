@@ -80,7 +80,8 @@ def test_settings_fail_fast(monkeypatch: pytest.MonkeyPatch) -> None:
     s = ServiceSettings()
     assert len(s.api_key_hashes) == 2 and "k" * 20 not in s.api_key_hashes
     for bad in ({"model_preset": "nope"}, {"default_pruning": "turbo"}, {"api_keys": "short"},
-                {"cors_origins": "*"}, {"max_batch_size": 2, "max_n": 4}, {"transformer_path": "/x"}):
+                {"cors_origins": "*"}, {"max_batch_size": 2, "max_n": 4}, {"transformer_path": "/x"},
+                {"switch_interval_ms": 0}):
         with pytest.raises(ValidationError):
             ServiceSettings(**bad)  # type: ignore[arg-type]
 
