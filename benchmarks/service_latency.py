@@ -6,7 +6,8 @@ noise images, by default; ``demo``: the shipped demo model, 128 px pictures) on 
 2. service: N sequential POST /generate (same request); added latency per request =
    end-to-end time - the server-reported inference time of its batch (so CPU noise in the
    model itself cancels out), plus e2e p50 - direct p50;
-3. throughput: bounded rounds of concurrent clients (1, 2, 4, 8) at max_batch_size 4.
+3. throughput: bounded rounds of concurrent clients (1, 2, 4, 8) for each max_batch_size in
+   ``--batch-sizes`` (default 1 and 4), a fresh server for each.
 Loopback only, bounded loops. Usage: python benchmarks/service_latency.py [--n 30]
 """
 
@@ -58,12 +59,15 @@ def direct(n: int, preset: str) -> list[float]:
     return out
 
 
-def start_server(redis_url: str, port: int, preset: str = "tiny-2b") -> subprocess.Popen[bytes]:
+def start_server(redis_url: str, port: int, preset: str = "tiny-2b", max_batch: int = 4,
+                 prefix: str = "bench") -> subprocess.Popen[bytes]:
     env = {**os.environ, "LDSERVE_MODEL_PRESET": preset, "LDSERVE_REDIS_URL": redis_url,
-           "LDSERVE_KEY_PREFIX": "bench", "LDSERVE_MAX_BATCH_SIZE": "4", "LDSERVE_MAX_QUEUE_LEN": "256",
-           "LDSERVE_LOG_LEVEL": "warning"}
+           "LDSERVE_KEY_PREFIX": prefix, "LDSERVE_MAX_BATCH_SIZE": str(max_batch), "LDSERVE_MAX_QUEUE_LEN": "256",
+           "LDSERVE_MAX_N": str(min(4, max_batch)), "LDSERVE_LOG_LEVEL": "warning"}
     proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port)], cwd=ROOT, env=env)
     for _ in range(600):
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health/ready").status_code == 200:
                 return proc
@@ -106,26 +110,34 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=30)
     ap.add_argument("--per-client", type=int, default=4)
     ap.add_argument("--preset", default="tiny-2b", choices=("tiny-2b", "demo"))
+    ap.add_argument("--batch-sizes", default="1,4", help="max_batch_size values for the throughput rounds")
     args = ap.parse_args()
     d = direct(args.n, args.preset)
     print(f"direct Engine.generate ({args.preset}, 1 image): p50 {pct(d, .5) * 1000:.1f} ms  "
           f"p99 {pct(d, .99) * 1000:.1f} ms")
     port = 18931
+    url = f"http://127.0.0.1:{port}"
     with EmbeddedRedis() as redis_server:
         proc = start_server(redis_server.url, port, args.preset)
         try:
-            url = f"http://127.0.0.1:{port}"
             e2e, added = sequential(url, args.n)
             print(f"service e2e (sync JSON+PNG): p50 {pct(e2e, .5) * 1000:.1f} ms  p99 {pct(e2e, .99) * 1000:.1f} ms")
             print(f"added latency (e2e - server inference time): p50 {pct(added, .5) * 1000:.1f} ms  "
                   f"p99 {pct(added, .99) * 1000:.1f} ms  mean {statistics.mean(added) * 1000:.1f} ms")
             print(f"added latency (e2e p50 - direct p50): {(pct(e2e, .5) - pct(d, .5)) * 1000:.1f} ms")
-            for c in (1, 2, 4, 8):
-                print(f"throughput: {c} concurrent clients, max_batch_size 4: "
-                      f"{throughput(url, c, args.per_client):.2f} images/s")
         finally:
             proc.terminate()
             proc.wait(60)
+        for mb in (int(x) for x in args.batch_sizes.split(",") if x):  # a fresh server per batch limit
+            proc = start_server(redis_server.url, port, args.preset, mb, prefix=f"bench{mb}")
+            try:
+                one(httpx.Client(), url)  # first use of the shape
+                for c in (1, 2, 4, 8):
+                    print(f"throughput: {c} concurrent clients, max_batch_size {mb}: "
+                          f"{throughput(url, c, args.per_client):.2f} images/s")
+            finally:
+                proc.terminate()
+                proc.wait(60)
 
 
 if __name__ == "__main__":
