@@ -120,9 +120,6 @@ class JobQueue:
         h = await self.client.hgetall(self.keys.job(job_id))
         return parse_job(job_id, h) if h else None
 
-    async def status(self, job_id: str) -> str | None:
-        return _s(await self.client.hget(self.keys.job(job_id), "status"))
-
     async def terminate(self, job_id: str, status: str, error: dict[str, Any] | None = None) -> str | None:
         """Move a live job to canceled/expired; returns the previous status (None if unknown)."""
         prev = await self._terminate(keys=[self.keys.job(job_id), self.keys.stream],

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from typing import Annotated, Any
+from collections.abc import Callable
+from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, Header, Request, Response
 from fastapi.responses import JSONResponse
@@ -30,6 +31,7 @@ from .schemas import (
 )
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 ERRORS: dict[int | str, dict[str, Any]] = {c: {"model": ErrorResponse} for c in (400, 401, 404, 409, 413, 422, 429,
                                                                                   500, 503, 504)}
 protected = APIRouter(dependencies=[Depends(require_api_key)], responses=ERRORS)
@@ -114,16 +116,22 @@ def _async_response(job: Job | None, job_id: str, png_level: int) -> JSONRespons
     return JSONResponse(body, status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
 
 
-# Up to this many pixels per response are encoded on the event loop (a 128 px demo picture: ~0.4 ms
-# as PNG); a thread handoff costs more than that on a busy 2-core host. Larger ones go to a thread
-# so one big PNG does not stall every other request.
+# Up to this many pixels per response are encoded on the event loop (a 128 px demo picture: ~1 ms
+# as PNG at level 1); a thread handoff costs about as much on a busy 2-core host. Larger ones go
+# to a thread so one big PNG does not stall every other request.
 INLINE_ENCODE_PIXELS = 128 * 128
 
 
+async def _run_encode(pixels: int, fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` on the event loop for at most INLINE_ENCODE_PIXELS pixels, else in a thread."""
+    if pixels <= INLINE_ENCODE_PIXELS:
+        return fn(*args)
+    return await asyncio.to_thread(fn, *args)
+
+
 async def _encode_images(job: Job, png_level: int) -> list[bytes]:
-    if job.spec.width * job.spec.height * len(job.images) <= INLINE_ENCODE_PIXELS:
-        return convert.encoded_images(job, png_level)
-    return await asyncio.to_thread(convert.encoded_images, job, png_level)
+    return await _run_encode(job.spec.width * job.spec.height * len(job.images), convert.encoded_images,
+                             job, png_level)
 
 
 def _count_images(metrics: MetricsDep, fmt: str, n: int) -> None:
@@ -147,9 +155,8 @@ async def generate(body: GenerateRequest, settings: SettingsDep, queue: QueueDep
         return _async_response(job, job_id, settings.png_compress_level)
     job = _raise_for(job, job_id)
     if raw_fmt:
-        args = (job.images[0], spec.width, spec.height, raw_fmt, spec.quality, settings.png_compress_level)
-        data = encode(*args) if spec.width * spec.height <= INLINE_ENCODE_PIXELS else await asyncio.to_thread(
-            encode, *args)
+        data = await _run_encode(spec.width * spec.height, encode, job.images[0], spec.width, spec.height, raw_fmt,
+                                 spec.quality, settings.png_compress_level)
         _count_images(metrics, raw_fmt, 1)
         seed = str(job.spec.seeds[0])
         return Response(data, media_type=MEDIA_TYPES[raw_fmt], headers={"x-seed": seed, "x-job-id": job.id})
@@ -183,7 +190,7 @@ async def get_job(job_id: str, settings: SettingsDep, queue: QueueDep, metrics: 
         raise ApiError(404, f"no job {job_id!r}", param="job_id", code="job_not_found")
     encoded = None
     if job.status == "succeeded":
-        encoded = await asyncio.to_thread(convert.encoded_images, job, settings.png_compress_level)
+        encoded = await _encode_images(job, settings.png_compress_level)
         _count_images(metrics, job.spec.output_format, len(encoded))
     return convert.job_body(job, encoded)
 
