@@ -14,6 +14,7 @@ median of ``--repeats``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import statistics
@@ -34,6 +35,7 @@ from model_loader.text_cond import TextCond  # noqa: E402
 from model_loader.transformer import build_transformer  # noqa: E402
 from model_loader.vae import build_vae  # noqa: E402
 from pruning.config import PruningConfig  # noqa: E402
+from pruning.cuda_graphs import ScaleGraphs  # noqa: E402
 from pruning.loop import generate  # noqa: E402
 from pruning.policy import LDPruning, NoPruning  # noqa: E402
 
@@ -84,7 +86,7 @@ def profile(model, text, grids, params, policies, key: str, out: Path, device: t
     sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
     for name, make in policies.items():
         with torch_profile(activities=acts) as prof:
-            generate(model, text, grids, params, [make()])
+            generate(model, text, grids, params, [make() for _ in params])
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
         stem = f"{key}_{''.join(c if c.isalnum() else '-' for c in name)}"
@@ -93,33 +95,46 @@ def profile(model, text, grids, params, policies, key: str, out: Path, device: t
 
 
 def bench_model(key: str, device: torch.device, repeats: int, smoke: bool,
-                profile_dir: Path | None = None) -> list[dict]:
+                profile_dir: Path | None = None, diagnose: bool = False, graphs: bool = False,
+                batch: int = 1) -> list[dict]:
     model = random_model_on(MODELS[key], device, bf16_blocks=device.type == "cuda")
     grids = scale_schedule(1.0, "0.06M" if smoke else "1M")
     n = len(grids)
     g = torch.Generator().manual_seed(1)
-    text = TextCond(torch.randn(1, 64, model.preset.transformer.text_channels, generator=g) * 0.2,
-                    torch.tensor([64])).to(device)
-    params = [SamplingParams(cfg=3.0, tau=0.5, seed=0)]
+    text = TextCond(torch.randn(batch, 64, model.preset.transformer.text_channels, generator=g) * 0.2,
+                    torch.tensor([64] * batch)).to(device)
+    params = [SamplingParams(cfg=3.0, tau=0.5, seed=i) for i in range(batch)]
     pruned_cfg = PruningConfig(force_keep_fraction=0.35, sats=False, force_stop_scale=n - 3)
     policies = {"unpruned": NoPruning, f"ld-forced-0.35+stop@{n - 3}": lambda: LDPruning(pruned_cfg)}
+    if diagnose:  # each half alone: which one loses the time
+        keep_only = PruningConfig(force_keep_fraction=0.35, sats=False)
+        stop_only = PruningConfig(lhep=False, sats=False, force_stop_scale=n - 3)
+        policies["forced-0.35 only"] = lambda: LDPruning(keep_only)
+        policies[f"stop@{n - 3} only"] = lambda: LDPruning(stop_only)
+    runner = ScaleGraphs(model, pruned_shapes=True) if graphs else None  # forced keep: fixed shapes
+    if graphs:  # every policy once more with captured CUDA graphs (same seeds: outputs compared)
+        policies.update({f"{k} [graphs]": v for k, v in list(policies.items())})
     times: dict[str, list[float]] = {k: [] for k in policies}
     scale_walls: dict[str, list[list[float]]] = {k: [] for k in policies}
     ideal: dict[str, float] = {}
+    images: dict[str, torch.Tensor] = {}
 
     def run(name):
-        out = generate(model, text, grids, params, [policies[name]()])
+        out = generate(model, text, grids, params, [policies[name]() for _ in range(batch)],
+                       graphs=runner if name.endswith("[graphs]") else None)
         ideal[name] = out.stats[0].ideal_speedup
         scale_walls[name].append([sc.wall_s for sc in out.stats[0].scales])
+        images[name] = out.images_BHW3
 
-    for name in policies:  # warm-up
+    for name in policies:  # warm-up (captures the graphs)
         run(name)
         scale_walls[name].clear()
     for _ in range(repeats):  # interleaved
         for name in policies:
             times[name].append(timed(lambda name=name: run(name), device))
     if profile_dir is not None:
-        profile(model, text, grids, params, policies, key, profile_dir, device)
+        profile(model, text, grids, params, {k: v for k, v in policies.items() if not k.endswith("[graphs]")},
+                key, profile_dir, device)
     base = statistics.median(times["unpruned"])
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     rows = []
@@ -128,12 +143,19 @@ def bench_model(key: str, device: torch.device, repeats: int, smoke: bool,
         per_scale = [statistics.median(col) for col in zip(*scale_walls[name], strict=True)]
         rows.append({"card": card, "model": MODELS[key], "policy": name, "latency_s": round(med, 4),
                      "speedup": round(base / med, 3), "ideal_speedup": round(ideal[name], 3),
-                     # host clock around each scale (the loop syncs the device at its end): where the
-                     # time goes; outside_scales_ms = text state, cache set-up, VAE decode
+                     # per scale (CUDA events on a GPU): where the time goes; outside_scales_ms = text
+                     # state, cache set-up, VAE decode
                      "scale_wall_ms": [round(1e3 * w, 2) for w in per_scale],
                      "outside_scales_ms": round(1e3 * (med - sum(per_scale)), 2),
-                     "repeats": repeats, "peak_mem_gb": round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+                     "batch": batch, "repeats": repeats,
+                     "peak_mem_gb": round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
                      if device.type == "cuda" else None})
+        if name.endswith("[graphs]"):  # vs the eager run of the same policy, and the graphed unpruned run
+            eager = name.removesuffix(" [graphs]")
+            rows[-1].update({"same_images_as_eager": bool(torch.equal(images[name], images[eager])),
+                             "speedup_vs_graphed_unpruned":
+                                 round(statistics.median(times["unpruned [graphs]"]) / med, 3),
+                             "graph_stats": dataclasses.asdict(runner.stats)})
     return rows
 
 
@@ -144,12 +166,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--smoke", action="store_true", help="tiny model, 256 px, on CPU")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--profile", type=Path, help="also write a torch.profiler table and trace per policy here")
+    ap.add_argument("--diagnose", action="store_true", help="also time the keep fraction and the stop alone")
+    ap.add_argument("--graphs", action="store_true",
+                    help="also run every policy with captured CUDA graphs (pruning.cuda_graphs); on CPU the "
+                         "same buffers run eagerly")
+    ap.add_argument("--batch", type=int, default=1, help="prompts per generation (same policy for all)")
     args = ap.parse_args(argv)
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
     keys = ["smoke"] if args.smoke else args.models.split(",")
     rows = []
     for k in keys:
-        model_rows = bench_model(k, device, args.repeats, args.smoke, args.profile)
+        model_rows = bench_model(k, device, args.repeats, args.smoke, args.profile, args.diagnose, args.graphs,
+                                 args.batch)
         for r in model_rows:  # printed per model, so a run cut short keeps what it finished
             if args.json:
                 print(json.dumps(r), flush=True)

@@ -101,11 +101,22 @@ class KVCache:
     """Preallocated per-block K/V buffers of shape (N, H, S, Dh), written in place."""
 
     def __init__(self, *, depth: int, n_rows: int, num_heads: int, head_dim: int, capacity: int,
-                 dtype: torch.dtype, device: torch.device) -> None:
+                 dtype: torch.dtype, device: torch.device, storage: KVCache | None = None) -> None:
+        """``storage``: a larger cache whose buffers this one views (first ``n_rows`` rows, first
+        ``capacity`` slots) instead of allocating its own: fixed addresses for every batch shape."""
         shape = (n_rows, num_heads, capacity, head_dim)
-        # zeros, not empty: masked slots still enter q.k, and a NaN bit pattern would survive the mask
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(depth)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(depth)]
+        if storage is not None:
+            k_full, v_full, rows_full = storage._full
+            if n_rows > rows_full or capacity > storage.capacity:
+                raise ValueError(f"storage holds {rows_full} rows x {storage.capacity} slots, "
+                                 f"not {n_rows} x {capacity}")
+            self.k = [b[:n_rows, :, :capacity] for b in k_full]
+            self.v = [b[:n_rows, :, :capacity] for b in v_full]
+        else:
+            # zeros, not empty: masked slots still enter q.k, and a NaN bit pattern would survive the mask
+            self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(depth)]
+            self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(depth)]
+        self._full = (list(self.k), list(self.v), n_rows)  # select_rows narrows views; reset restores
         self.n_rows = n_rows
         self.capacity = capacity
         self.lens_N = torch.zeros(n_rows, dtype=torch.long, device=device)
@@ -118,6 +129,22 @@ class KVCache:
     @property
     def uniform(self) -> bool:
         return len(set(self._lens)) <= 1
+
+    @property
+    def lens(self) -> tuple[int, ...]:
+        """Cached tokens per row (host copy)."""
+        return tuple(self._lens)
+
+    def reset(self) -> None:
+        """Empty every row and restore all rows, to reuse the same buffers for a new batch (their
+        addresses stay fixed, which captured CUDA graphs rely on). Old contents are never read:
+        every read stops at the lengths written since."""
+        k, v, n_rows = self._full
+        self.k, self.v, self.n_rows = list(k), list(v), n_rows
+        self._lens = [0] * n_rows
+        self.lens_N = torch.zeros(n_rows, dtype=torch.long, device=self.lens_N.device)
+        self._layout = None
+        self.mode = "slice"
 
     def begin_scale(self, layout: ScaleLayout) -> None:
         """Fix where this scale's tokens go; every block then calls ``write_read`` or ``write_row``.

@@ -118,17 +118,24 @@ class InfinityTransformer(nn.Module):
         the tokens in the padded view. The level embedding of ``scale_idx`` (or per token
         ``lvl_idx`` in the training forward) is added before the first block.
         """
+        sa_ctx = SelfAttnContext(layout, rope, cache, attn_mask)
+        if cache is not None:
+            cache.begin_scale(layout)
+        x = self.run_blocks(x, scale_idx, text, sa_ctx, lvl_idx)
+        if cache is not None:
+            cache.end_scale()
+        return x
+
+    def run_blocks(self, x: torch.Tensor, scale_idx: int, text: TextState, sa_ctx: SelfAttnContext,
+                   lvl_idx: torch.Tensor | None = None) -> torch.Tensor:
+        """Level embedding and every block, with the cache already between ``begin_scale`` and
+        ``end_scale``: device work only, no host bookkeeping (what a CUDA graph captures)."""
         lvl = self.lvl_embed.weight[scale_idx] if lvl_idx is None else self.lvl_embed(lvl_idx)
         # official: in-place add into x, so a bf16 x stays bf16 (rounded once)
         x = (x.float() + lvl).to(x.dtype)
         gss = text.gss_N16C
-        sa_ctx = SelfAttnContext(layout, rope, cache, attn_mask)
-        if cache is not None:
-            cache.begin_scale(layout)
         for i, blk in enumerate(self.blocks):
             x = blk(x, gss, sa_ctx, i, text.block_text(i))
-        if cache is not None:
-            cache.end_scale()
         return x
 
     def logits(self, h: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:

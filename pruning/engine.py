@@ -22,6 +22,7 @@ from model_loader.schedules import image_size, nearest_template, scale_schedule
 from model_loader.text_cond import TextCond
 
 from .config import PruningConfig
+from .cuda_graphs import ScaleGraphs
 from .loop import generate
 from .policy import FastVARStyle, NoPruning, PruningPolicy, SkipVARStyle, make_policy
 from .stats import SampleStats
@@ -70,9 +71,17 @@ def policy_for(req: ImageRequest) -> PruningPolicy:
 
 
 class Engine:
-    def __init__(self, model: InfinityModel) -> None:
+    def __init__(self, model: InfinityModel, cuda_graphs: bool | None = None) -> None:
+        """``cuda_graphs``: replay unpruned scale forwards from CUDA graphs (None: on a CUDA device)."""
         self.model = model
         self.last_timing = BatchTiming(0.0, 0.0)
+        self.graphs: ScaleGraphs | None = None
+        self.set_cuda_graphs(model.device.type == "cuda" if cuda_graphs is None else cuda_graphs)
+
+    def set_cuda_graphs(self, enabled: bool) -> None:
+        if enabled and self.model.device.type != "cuda":
+            raise ValueError("cuda_graphs needs a CUDA device")
+        self.graphs = ScaleGraphs(self.model) if enabled else None
 
     @property
     def preset(self) -> ModelPreset:
@@ -131,7 +140,7 @@ class Engine:
             negative = self._uncond_text(requests, text)
         t1 = time.perf_counter()
         out = generate(self.model, text, grids, [r.sampling for r in requests],
-                       [policy_for(r) for r in requests], negative=negative)
+                       [policy_for(r) for r in requests], negative=negative, graphs=self.graphs)
         self.last_timing = BatchTiming(t1 - t0, time.perf_counter() - t1)
         return [ImageResult(out.images_BHW3[i], out.stats[i], truncated[i]) for i in range(len(requests))]
 

@@ -14,6 +14,7 @@ D VAE code bits, h/w grids.
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass, field
 
@@ -30,6 +31,7 @@ from model_loader.text_cond import TextCond
 from model_loader.transformer import head_cond
 from model_loader.vae import bits_to_codes, image_to_uint8, resize_codes, tokens_to_vae_bits, vae_bits_to_tokens
 
+from .cuda_graphs import ScaleGraphs
 from .policy import PruningPolicy, ScaleContext, ScaleObservation, ScalePlan
 from .stats import SampleStats, ScaleStats, scale_flops
 
@@ -58,9 +60,28 @@ class _Rows:
         return self.batch + self.uncond_of.index(b) if b in self.uncond_of else None
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+class _ScaleClock:
+    """Wall time of each scale without a host sync per scale: CUDA events on a GPU (read once at
+    the end), the host clock on CPU (where every op has finished when it returns)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.marks: list = []
+        self.mark()
+
+    def mark(self) -> None:
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self.marks.append(ev)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def walls(self) -> list[float]:
+        if self.cuda:
+            self.marks[-1].synchronize()
+            return [a.elapsed_time(b) / 1e3 for a, b in itertools.pairwise(self.marks)]
+        return [b - a for a, b in itertools.pairwise(self.marks)]
 
 
 def _embed_rows(model: InfinityModel, feats_BLd: torch.Tensor, rows: _Rows, keep: list[torch.Tensor | None],
@@ -102,11 +123,14 @@ def _fill_bits(prev_bits_hwD: torch.Tensor | None, grid_vae: tuple[int, int], bi
 @torch.inference_mode()
 def generate(model: InfinityModel, text: TextCond, grids: tuple[tuple[int, int], ...],
              params: list[SamplingParams], policies: list[PruningPolicy], *,
-             negative: TextCond | None = None, padded: bool = False) -> LoopOutput:
+             negative: TextCond | None = None, padded: bool = False,
+             graphs: ScaleGraphs | None = None) -> LoopOutput:
     """Generate B images at one schedule; sample b uses ``params[b]`` and ``policies[b]``.
 
     ``padded`` runs rows of unequal token counts as a padded rectangle instead of packed
     (for measuring the two; packed is the default because linear layers then skip the padding).
+    ``graphs`` (a ``ScaleGraphs`` of this model) replays captured CUDA graphs for the scales
+    where every row computes the same tokens; the results equal the eager loop's.
     """
     tf, preset, dev = model.transformer, model.preset, model.device
     b, patchify, vs, nbits = text.batch_size, preset.spatial_patchify, preset.vae_scale, preset.vae.codebook_bits
@@ -126,14 +150,16 @@ def generate(model: InfinityModel, text: TextCond, grids: tuple[tuple[int, int],
         state = tf.prepare_text(rows_text)
         text_len = rows_text.lens_B.tolist()
         rows = _Rows(b, uncond_of)
-        cache = new_kv_cache(tf, len(rows.src), offsets[-1], model.compute_dtype)
+        cache = (new_kv_cache(tf, len(rows.src), offsets[-1], model.compute_dtype) if graphs is None
+                 else graphs.kv_cache(len(rows.src), offsets[-1], model.compute_dtype))
         keys_done = [0] * b  # tokens each sample has in its cache rows
         summed = torch.zeros(b, nbits, *final_grid, device=dev)
         history: list[list[torch.Tensor]] = [[] for _ in range(b)]  # residual code maps per scale
         hist_bits: list[torch.Tensor | None] = [None] * b
         feats = None
+        clock = _ScaleClock(dev)
+        records = []
         for si, grid in enumerate(grids):
-            t0 = time.perf_counter()
             # 2. plans; stopped uncond rows leave the batch
             ctxs = [ScaleContext(si, tuple(grids), history[s][-1] if history[s] else None,
                                  None if feats is None else feats[s]) for s in range(b)]
@@ -150,23 +176,25 @@ def generate(model: InfinityModel, text: TextCond, grids: tuple[tuple[int, int],
             keep = [p.keep_idx_K for p in plans]
             # 3. transformer on the kept tokens of every running row
             logits_NLV = _forward(model, state, rows, keep, feats, si, rope_all[:, offsets[si]:offsets[si + 1]],
-                                  cache, padded)
+                                  cache, padded, graphs)
             # 4. per sample: guidance, observation, sampling, scatter over the fill
             codes, bits_all = _sample_scale(model, si, grid, rows, plans, logits_NLV, weights, gens, params,
                                             policies, ctxs, history, hist_bits)
-            out_bits.append(bits_all.cpu())
-            _sync(dev)
-            _record(stats, tf.cfg, si, grid, keep, rows, params, keys_done, offsets[si + 1], text_len,
-                    time.perf_counter() - t0)
+            out_bits.append(bits_all)
+            clock.mark()
+            records.append((si, grid, keep, rows, list(text_len)))
             # 5. accumulate and build the next scale's input
             if si == len(grids) - 1:
                 summed += codes
                 break
             summed += resize_codes(codes, final_grid)
             feats = next_scale_input(summed, grids[si + 1], vs, patchify)
+        walls = clock.walls()
+        for (si, grid, keep, rows_si, lens_si), wall in zip(records, walls, strict=True):
+            _record(stats, tf.cfg, si, grid, keep, rows_si, params, keys_done, offsets[si + 1], lens_si, wall)
         img = model.vae.decode(summed)
         images = image_to_uint8(img).cpu()
-    return LoopOutput(images, stats, summed.float().cpu(), out_bits)
+    return LoopOutput(images, stats, summed.float().cpu(), [b.cpu() for b in out_bits])
 
 
 def _record(stats: list[SampleStats], cfg, si: int, grid: tuple[int, int], keep, rows: _Rows,
@@ -184,7 +212,7 @@ def _record(stats: list[SampleStats], cfg, si: int, grid: tuple[int, int], keep,
 
 
 def _forward(model: InfinityModel, state, rows: _Rows, keep, feats_BLd, si: int, rope_2LD,
-             cache, padded: bool = False) -> torch.Tensor | None:
+             cache, padded: bool = False, graphs: ScaleGraphs | None = None) -> torch.Tensor | None:
     """Logits (after the head) of the kept tokens, padded view (N, Lmax, V); None if nothing runs."""
     tf = model.transformer
     if si == 0:
@@ -193,6 +221,9 @@ def _forward(model: InfinityModel, state, rows: _Rows, keep, feats_BLd, si: int,
         x, layout, rope = _embed_rows(model, feats_BLd, rows, keep, rope_2LD, padded)
         if layout.total == 0:
             return None
+    if graphs is not None:
+        pruned = any(keep[s] is not None for s in rows.src)
+        return layout.to_padded(graphs.logits(x, si, state, layout, rope, cache, pruned))
     hidden = tf.forward_scale(x, si, state, layout, rope, cache)
     return layout.to_padded(tf.logits(hidden, head_cond(layout, state.sos_ND)))
 

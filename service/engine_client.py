@@ -70,6 +70,8 @@ class EngineClient:
             self.engine = Engine.from_preset(settings.model_preset, transformer_path=settings.transformer_path,
                                              vae_path=settings.vae_path, text_encoder_path=settings.text_encoder_path,
                                              device=settings.device, dtype_policy=settings.dtype_policy)
+        if self.engine.model.device.type == "cuda":
+            self.engine.set_cuda_graphs(settings.cuda_graphs)
         self.unpruned_s: dict[tuple[Grids, int], float] = {}
 
     @property

@@ -41,6 +41,11 @@ class ServiceSettings(BaseSettings):
     text_encoder_path: str | None = None
     device: str = "cpu"
     dtype_policy: str = "official"
+    cuda_graphs: bool = True
+    """On a CUDA device, replay each scale's transformer forward from a captured CUDA graph when
+    every row computes the whole scale (pruning.cuda_graphs): the same images, without ~65 ms of
+    host launch overhead per scale (Infinity-2B, batch 1, H100: 1.06 s -> 0.57 s unpruned).
+    Graphs and one KV cache sized for the largest batch stay allocated. No effect on CPU."""
     max_batch_size: int = Field(4, ge=1, le=64)
     """Images per GPU batch (a job of n images counts n)."""
     max_batch_wait_ms: int = Field(0, ge=0, le=60_000)

@@ -36,3 +36,13 @@ def test_gpu_bench_smoke_runs_on_cpu(tmp_path):
     tables = sorted(tmp_path.glob("*.txt"))
     assert len(tables) == 2 and all("Self CPU" in t.read_text() for t in tables)
     assert len(list(tmp_path.glob("*.json"))) == 2
+
+
+def test_gpu_bench_graph_rows_on_cpu():
+    """--graphs adds one row per policy run through the graph runner's buffers (eager on CPU), with
+    the outputs compared against the plain loop; --batch runs that many prompts per generation."""
+    rows = _json_lines(["benchmarks/gpu_bench.py", "--smoke", "--repeats", "1", "--json", "--graphs", "--batch", "2"])
+    assert [r["policy"].endswith("[graphs]") for r in rows] == [False, False, True, True]
+    for r in rows[2:]:
+        assert r["same_images_as_eager"] is True and r["batch"] == 2
+        assert r["graph_stats"]["failed"] == [] and r["graph_stats"]["captured"] == 0  # no capture on CPU
