@@ -9,8 +9,10 @@
 # policy), the trained weights (vae.safetensors fp32, transformer.safetensors bf16) and run_logs.tgz
 # (their JSON logs). Every stage is bounded by `timeout`; a failing stage does not stop the next.
 # INIT_TRANSFORMER (default demo/weights/transformer.safetensors) is the transformer to continue from.
-# Stage budgets in seconds: BENCH_S (170), VAE_S (90), TF_S (200), TF2_S (0: no stage 5). As run on
-# 2026-11-26: BENCH_S=160 VAE_S=90 TF_S=195 (421 s), then stage 5 (198 s) as a second command.
+# Stage budgets in seconds: BENCH_S (170), VAE_S (90; 0 skips the VAE and keeps the shipped one),
+# TF_S (200), TF2_S (0: no stage 5). Transformer run: TF_BATCH (64), TF_LR (5e-4), TF_SEED (data seed,
+# 3), FLIP_MAX (0: no bitwise self-correction). BENCH_ARGS adds gpu_bench flags (e.g. --diagnose).
+# As run on 2026-11-26: BENCH_S=160 VAE_S=90 TF_S=195 (421 s), then stage 5 (198 s) as a second command.
 set -u
 MODE=${1:-smoke}
 mkdir -p "${OUT:-gpu_out}"
@@ -52,31 +54,34 @@ if [ "$MODE" = smoke ]; then
 fi
 
 stage "gpu_bench 2b,8b at 1024x1024"
-run "${BENCH_S:-170}" $PY benchmarks/gpu_bench.py --models 2b,8b --repeats 5 --json --profile "$WORK/prof"
+run "${BENCH_S:-170}" $PY benchmarks/gpu_bench.py --models 2b,8b --repeats 5 --json --profile "$WORK/prof" ${BENCH_ARGS:-}
 grep '^{"card"' "$LOG" > "$OUT/gpu_bench.jsonl"
 # a call returns at most 8 files of 16 MB: tables in one archive, traces in another if small enough
 (cd "$WORK" && tar czf "$OUT/profiles.tgz" prof/*.txt && tar czf "$OUT/traces.tgz" prof/*.json) 2>/dev/null
 [ "$(stat -c %s "$OUT/traces.tgz" 2>/dev/null || echo 0)" -lt 15000000 ] || rm -f "$OUT/traces.tgz"
 
-stage "vae: continue the shipped VAE"
-run $(( ${VAE_S:-90} + 60 )) $PY -m demo.train vae --device "$DEV" --workers "$WORKERS" --minutes "$(awk "BEGIN{print ${VAE_S:-90}/60}")" \
-    --steps 100000 --batch-size 32 --lr 1e-3 --init demo/weights/vae.safetensors --data-seed 5 --out "$WORK/vae" \
-    --log-every 200
-stage "vae gates (64 held-out images): shipped, then new"
-run 60 $PY -m demo.evaluate vae demo/weights --device "$DEV" | tee "$WORK/vae_old.json"
-run 60 $PY -m demo.evaluate vae "$WORK/vae" --device "$DEV" | tee "$WORK/vae_new.json"
 VAE=demo/weights/vae.safetensors
-if $PY - "$WORK/vae_old.json" "$WORK/vae_new.json" <<'EOF'
+if [ "${VAE_S:-90}" -gt 0 ]; then
+  stage "vae: continue the shipped VAE"
+  run $(( ${VAE_S:-90} + 60 )) $PY -m demo.train vae --device "$DEV" --workers "$WORKERS" --minutes "$(awk "BEGIN{print ${VAE_S:-90}/60}")" \
+      --steps 100000 --batch-size 32 --lr 1e-3 --init demo/weights/vae.safetensors --data-seed 5 --out "$WORK/vae" \
+      --log-every 200
+  stage "vae gates (64 held-out images): shipped, then new"
+  run 60 $PY -m demo.evaluate vae demo/weights --device "$DEV" | tee "$WORK/vae_old.json"
+  run 60 $PY -m demo.evaluate vae "$WORK/vae" --device "$DEV" | tee "$WORK/vae_new.json"
+  if $PY - "$WORK/vae_old.json" "$WORK/vae_new.json" <<'EOF'
 import json, sys
 old, new = (json.loads(open(p).readline()) for p in sys.argv[1:])
 sys.exit(0 if new["adherence"] > old["adherence"] and new["psnr_db"] > old["psnr_db"] else 1)
 EOF
-then VAE="$WORK/vae/vae.safetensors"; fi
+  then VAE="$WORK/vae/vae.safetensors"; fi
+fi
 stage "transformer on $VAE"
 cp "$VAE" "$WORK/tf/vae.safetensors"
 run $(( ${TF_S:-200} + 60 )) $PY -m demo.train transformer --device "$DEV" --workers "$WORKERS" \
-    --minutes "$(awk "BEGIN{print ${TF_S:-200}/60}")" --steps 100000 --batch-size 64 --lr 5e-4 --per-scale-loss \
-    --init-transformer "$INIT_TF" --vae "$WORK/tf/vae.safetensors" --data-seed 3 --out "$WORK/tf" --log-every 200
+    --minutes "$(awk "BEGIN{print ${TF_S:-200}/60}")" --steps 100000 --batch-size "${TF_BATCH:-64}" --lr "${TF_LR:-5e-4}" \
+    --per-scale-loss --flip-max "${FLIP_MAX:-0}" --init-transformer "$INIT_TF" --vae "$WORK/tf/vae.safetensors" \
+    --data-seed "${TF_SEED:-3}" --out "$WORK/tf" --log-every 200
 if [ "${TF2_S:-0}" -gt 0 ]; then  # stage 5 (what the shipped weights got): one call cannot hold both
   stage "transformer stage 5"
   cp "$WORK/tf/transformer.safetensors" "$WORK/tf_stage4.safetensors"
@@ -89,6 +94,7 @@ fi
 stage export
 run 60 $PY -m demo.model export "$WORK/tf" "$WORK/export"
 cp "$WORK/export/vae.safetensors" "$WORK/export/transformer.safetensors" "$OUT/" 2>/dev/null
+cp "$WORK/tf/transformer.safetensors" "$OUT/transformer_fp32.safetensors" 2>/dev/null   # to continue from
 cp "$WORK/vae/vae.json" "$WORK/tf/vae_run.json" 2>/dev/null
 (cd "$WORK/tf" && tar czf "$OUT/run_logs.tgz" ./*.json) 2>/dev/null   # training runs' JSON logs
 stage "model gate on cuda (64 held-out captions)"

@@ -143,7 +143,13 @@ def score(image_HW3_uint8: np.ndarray, attributes: SceneSpec) -> dict:
 
 
 def mean_scores(images: list[np.ndarray], scenes: list[SceneSpec]) -> dict[str, float]:
-    """Mean adherence and all-correct rate over a set of images."""
+    """Mean adherence and all-correct rate over a set of images, and the rate of each kind of
+    attribute (background, and colour / shape / size over every shape)."""
     results = [score(im, sc) for im, sc in zip(images, scenes, strict=True)]
+    kinds: dict[str, list[bool]] = {}
+    for r in results:
+        for key, ok in r["checks"].items():
+            kinds.setdefault(key.rsplit(".", 1)[-1], []).append(ok)
     return {"adherence": float(np.mean([r["adherence"] for r in results])),
-            "all_correct": float(np.mean([r["all_correct"] for r in results]))}
+            "all_correct": float(np.mean([r["all_correct"] for r in results])),
+            "per_attribute": {k: round(float(np.mean(v)), 4) for k, v in kinds.items()}}

@@ -56,8 +56,9 @@ def vae_report(vae: BSQVAE, n: int = 64, batch: int = 16, device: str = "cpu") -
     return {"images": n, "psnr_db": round(psnr, 2), **mean_scores(images, [s.attributes for s in samples])}
 
 
-def model_report(weights_dir: str | Path, n: int = 64, batch: int = 8, device: str = "cpu") -> dict[str, float]:
-    """Unpruned adherence of the full demo model on ``n`` held-out captions."""
+def model_report(weights_dir: str | Path, n: int = 64, batch: int = 8, device: str = "cpu",
+                 split: str = "heldout") -> dict[str, float]:
+    """Unpruned adherence of the full demo model on ``n`` captions of ``split`` (held-out by default)."""
     from model_loader.sampling import SamplingParams
     from pruning.engine import ImageRequest, grids_for
 
@@ -65,14 +66,14 @@ def model_report(weights_dir: str | Path, n: int = 64, batch: int = 8, device: s
 
     engine = load_demo_engine(weights_dir, device=device)
     d = DEMO_PRESET.sampling
-    samples = make_split(n, EVAL_SEED, "heldout")
+    samples = make_split(n, EVAL_SEED, split)
     grids = grids_for(1.0, DEMO_PRESET.pn)
     images = []
     for i in range(0, n, batch):
         reqs = [ImageRequest(s.caption, SamplingParams(cfg=d.cfg, tau=d.tau, top_k=d.top_k, top_p=d.top_p, seed=i + j))
                 for j, s in enumerate(samples[i:i + batch])]
         images += [r.image_HW3.cpu().numpy() for r in engine.generate(reqs, grids)]
-    return {"images": n, **mean_scores(images, [s.attributes for s in samples])}
+    return {"images": n, "split": split, **mean_scores(images, [s.attributes for s in samples])}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -82,9 +83,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("path", type=Path)
     p.add_argument("--n", type=int, default=64)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--split", choices=("heldout", "train"), default="heldout", help="model: which captions")
     a = p.parse_args(argv)
     report = (vae_report(load_vae(a.path), a.n, device=a.device) if a.what == "vae"
-              else model_report(a.path, a.n, device=a.device))
+              else model_report(a.path, a.n, device=a.device, split=a.split))
     print(json.dumps(report))
 
 

@@ -44,6 +44,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--cond-drop", type=float, default=0.1, help="probability of the unconditional text")
     g.add_argument("--per-scale-loss", action="store_true", help="mean over scales of each scale's mean loss")
     g.add_argument("--init-transformer", type=Path, help="continue from this transformer.safetensors")
+    g.add_argument("--flip-max", type=float, default=0.0,
+                   help="bitwise self-correction: each row flips fed bits with probability U(0, flip-max)")
     g.add_argument("--stop-after", type=int, help="stop (and save) after this many steps of the --steps schedule")
     return p.parse_args(argv)
 
@@ -67,7 +69,8 @@ def main(argv: list[str] | None = None) -> None:
         from .train_transformer import train_transformer
 
         train_transformer(args, a.vae or a.out / "vae.safetensors", cond_drop=a.cond_drop,
-                          per_scale_loss=a.per_scale_loss, init=a.init_transformer, stop_after=a.stop_after)
+                          per_scale_loss=a.per_scale_loss, init=a.init_transformer, stop_after=a.stop_after,
+                          flip_max=a.flip_max)
 
 
 if __name__ == "__main__":

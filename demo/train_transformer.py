@@ -6,7 +6,11 @@ built exactly as ``model_loader.generate`` builds it from sampled bits: the code
 ``next_scale_input``. The text goes through the frozen demo tiny T5; with probability
 ``cond_drop`` a row's text is replaced by the model's learned ``cfg_uncond`` rows (what the
 unconditional branch of classifier-free guidance feeds), so guidance works at inference.
-No bitwise self-correction (label noise) yet.
+With ``flip_max`` > 0, bitwise self-correction (the Infinity paper's remedy for the gap between
+teacher forcing and sampling): each row draws a flip probability uniformly from [0, flip_max],
+the bits it feeds forward at every scale are flipped with that probability, and the residual
+(hence the labels) of every later scale is quantized from the flipped sum, so later scales learn
+to correct earlier mistakes.
 """
 
 from __future__ import annotations
@@ -88,18 +92,51 @@ def build_transformer_for_training(cfg: TransformerConfig, seed: int) -> Infinit
 
 
 @torch.no_grad()
-def teacher_forcing_batch(vae: BSQVAE, img_B3HW: torch.Tensor, grids) -> tuple[torch.Tensor, torch.Tensor]:
-    """(inputs of scales 1..K-1 (B, L - 1, D) float32, bit labels of all scales (B, L, D) int64)."""
+def teacher_forcing_batch(vae: BSQVAE, img_B3HW: torch.Tensor, grids, flip_B: torch.Tensor | None = None,
+                          gen: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs of scales 1..K-1 (B, L - 1, D) float32, bit labels of all scales (B, L, D) int64).
+
+    ``flip_B`` (B,) is each row's bit-flip probability for bitwise self-correction (None: none,
+    which is exactly the VAE's ``quantize_multiscale``); ``gen`` draws the flips.
+    """
     z_BDhw = vae.encode(img_B3HW)
-    _, bits = vae.quantize_multiscale(z_BDhw, list(grids))
+    if flip_B is None:
+        _, bits = vae.quantize_multiscale(z_BDhw, list(grids))
+        fed = bits
+    else:
+        bits, fed = quantize_with_flips(z_BDhw, grids, flip_B, gen)
     labels_BLD = torch.cat([vae_bits_to_tokens(b_BhwD, False) for b_BhwD in bits], dim=1).long()
     final = tuple(grids[-1])
     summed_BDhw = torch.zeros_like(z_BDhw)
     feats = []
     for si in range(len(grids) - 1):
-        summed_BDhw += resize_codes(bits_to_codes(bits[si]), final)
+        summed_BDhw += resize_codes(bits_to_codes(fed[si]), final)
         feats.append(next_scale_input(summed_BDhw, grids[si + 1], 1, False))
     return torch.cat(feats, dim=1), labels_BLD
+
+
+def quantize_with_flips(z_BDhw: torch.Tensor, grids, flip_B: torch.Tensor,
+                        gen: torch.Generator | None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Multi-scale residual BSQ where each scale's bits are flipped (row b with probability
+    ``flip_B[b]``) before they are subtracted: (label bits, fed bits) per scale, (B, h, w, D) uint8.
+
+    Labels of scale k quantize the residual left by the *fed* bits of scales < k, as sampling
+    would leave it; with every probability 0 both lists equal ``BSQVAE.quantize_multiscale``'s bits.
+    """
+    residual = z_BDhw.float()
+    full = tuple(residual.shape[-2:])
+    labels, fed = [], []
+    for grid in grids:
+        r = residual if tuple(grid) == full else F.interpolate(residual, size=tuple(grid), mode="area")
+        bits_BhwD = (r.permute(0, 2, 3, 1) > 0).to(torch.uint8)  # sign of the normalised residual
+        noise = torch.rand(bits_BhwD.shape, generator=gen, device="cpu" if gen is None else gen.device)
+        flip = noise.to(bits_BhwD.device) < flip_B.to(bits_BhwD.device)[:, None, None, None]
+        used_BhwD = bits_BhwD ^ flip.to(torch.uint8)
+        labels.append(bits_BhwD)
+        fed.append(used_BhwD)
+        q = bits_to_codes(used_BhwD)
+        residual = residual - (q if tuple(grid) == full else resize_codes(q, full))
+    return labels, fed
 
 
 def drop_text(tf: InfinityTransformer, text: TextCond, drop_B: torch.Tensor) -> TextCond:
@@ -131,7 +168,8 @@ def bitwise_loss(logits_BLV: torch.Tensor, labels_BLD: torch.Tensor,
 def train_transformer(args: TrainArgs, vae_path: str | Path, *, cfg: TransformerConfig = DEMO_PRESET.transformer,
                       vae_cfg: VAEConfig = DEMO_PRESET.vae, cond_drop: float = 0.1,
                       text_encoder_dir: Path | None = None, per_scale_loss: bool = False,
-                      init: str | Path | None = None, stop_after: int | None = None) -> InfinityTransformer:
+                      init: str | Path | None = None, stop_after: int | None = None,
+                      flip_max: float = 0.0) -> InfinityTransformer:
     """Writes ``<out>/transformer.safetensors``, ``transformer.json`` and ``<out>/text_encoder/``."""
     seed_everything(args.seed)
     grids = SCHEDULE
@@ -148,7 +186,7 @@ def train_transformer(args: TrainArgs, vae_path: str | Path, *, cfg: Transformer
     sizes = [h * w for h, w in grids]
     args = replace(args, extra={**args.extra, "vae": str(vae_path), "cond_drop": cond_drop,
                                 "per_scale_loss": per_scale_loss, "init": str(init) if init else None,
-                                "stop_after": stop_after})
+                                "stop_after": stop_after, "flip_max": flip_max})
     opt = make_optimizer(tf, args.lr, args.weight_decay)
     gen = torch.Generator().manual_seed(args.seed + 1)
     log = RunLog(args)
@@ -160,7 +198,8 @@ def train_transformer(args: TrainArgs, vae_path: str | Path, *, cfg: Transformer
         if step >= min(args.steps, stop_after or args.steps):  # --stop-after, or a fitted time budget
             break
         img_B3HW = img_B3HW.to(args.device, non_blocking=True)
-        x_BLd, labels_BLD = teacher_forcing_batch(vae, img_B3HW, grids)
+        flip_B = torch.rand(len(captions), generator=gen) * flip_max if flip_max > 0 else None
+        x_BLd, labels_BLD = teacher_forcing_batch(vae, img_B3HW, grids, flip_B, gen)
         drop_B = (torch.rand(len(captions), generator=gen) < cond_drop).to(args.device)
         text = drop_text(tf, enc.encode(captions).to(args.device), drop_B)
         logits_BLV = tf.forward_train(text, x_BLd, grids, rope)

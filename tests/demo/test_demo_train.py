@@ -104,3 +104,36 @@ def test_time_budget_fits_the_step_count(vae_dir: Path, tmp_path: Path) -> None:
     meta = json.loads((tmp_path / "vae.json").read_text())
     assert meta["steps_done"] == 20  # the probe; the 6 ms budget leaves room for no more
     assert meta["args"]["steps"] == 20 and meta["args"]["minutes"] == 1e-4
+
+
+def test_bitwise_self_correction_labels_fix_the_fed_bits() -> None:
+    """Flip probability 0 is the plain quantizer; flipped bits change the residual, and each later
+    scale's labels are the signs of what the *flipped* earlier scales left over."""
+    from demo.train_transformer import quantize_with_flips
+    from model_loader.vae import BSQVAE, bits_to_codes, resize_codes
+
+    grids = [(1, 1), (2, 2), (4, 4)]
+    z = torch.randn(3, 8, 4, 4, generator=torch.Generator().manual_seed(0))
+    plain = BSQVAE(TINY_VAE).quantize_multiscale(z, grids)[1]
+    labels, fed = quantize_with_flips(z, grids, torch.zeros(3), torch.Generator().manual_seed(1))
+    for a, b, c in zip(plain, labels, fed, strict=True):
+        assert torch.equal(a, b) and torch.equal(b, c)
+
+    flip_B = torch.tensor([0.0, 0.5, 1.0])
+    labels, fed = quantize_with_flips(z, grids, flip_B, torch.Generator().manual_seed(1))
+    assert torch.equal(fed[0][2], 1 - labels[0][2]) and torch.equal(fed[0][0], labels[0][0])
+    frac = (fed[2][1] != labels[2][1]).float().mean()
+    assert 0.3 < float(frac) < 0.7
+    residual = z - resize_codes(bits_to_codes(fed[0]), (4, 4))
+    expect = (F.interpolate(residual, size=(2, 2), mode="area").permute(0, 2, 3, 1) > 0).to(torch.uint8)
+    assert torch.equal(labels[1], expect)
+    assert not torch.equal(labels[1][2], plain[1][2])  # row 2 had every bit flipped: different residual
+
+
+def test_transformer_step_with_self_correction(vae_dir: Path, tmp_path: Path) -> None:
+    args = TrainArgs(out=tmp_path, steps=3, batch_size=2, lr=1e-3)
+    train_transformer(args, vae_dir / "vae.safetensors", cfg=TINY_TF, vae_cfg=TINY_VAE, flip_max=0.3,
+                      text_encoder_dir=tmp_path / "text_encoder")
+    meta = json.loads((tmp_path / "transformer.json").read_text())
+    assert meta["args"]["extra"]["flip_max"] == 0.3
+    _finite_history(tmp_path / "transformer.json")
