@@ -96,13 +96,13 @@ def profile(model, text, grids, params, policies, key: str, out: Path, device: t
 
 def bench_model(key: str, device: torch.device, repeats: int, smoke: bool,
                 profile_dir: Path | None = None, diagnose: bool = False, graphs: bool = False,
-                batch: int = 1) -> list[dict]:
+                batch: int = 1, text_tokens: int = 64, text_bucket: int = 1) -> list[dict]:
     model = random_model_on(MODELS[key], device, bf16_blocks=device.type == "cuda")
     grids = scale_schedule(1.0, "0.06M" if smoke else "1M")
     n = len(grids)
     g = torch.Generator().manual_seed(1)
-    text = TextCond(torch.randn(batch, 64, model.preset.transformer.text_channels, generator=g) * 0.2,
-                    torch.tensor([64] * batch)).to(device)
+    text = TextCond(torch.randn(batch, text_tokens, model.preset.transformer.text_channels, generator=g) * 0.2,
+                    torch.tensor([text_tokens] * batch)).to(device)
     params = [SamplingParams(cfg=3.0, tau=0.5, seed=i) for i in range(batch)]
     pruned_cfg = PruningConfig(force_keep_fraction=0.35, sats=False, force_stop_scale=n - 3)
     policies = {"unpruned": NoPruning, f"ld-forced-0.35+stop@{n - 3}": lambda: LDPruning(pruned_cfg)}
@@ -111,7 +111,8 @@ def bench_model(key: str, device: torch.device, repeats: int, smoke: bool,
         stop_only = PruningConfig(lhep=False, sats=False, force_stop_scale=n - 3)
         policies["forced-0.35 only"] = lambda: LDPruning(keep_only)
         policies[f"stop@{n - 3} only"] = lambda: LDPruning(stop_only)
-    runner = ScaleGraphs(model, pruned_shapes=True) if graphs else None  # forced keep: fixed shapes
+    # forced keep: fixed shapes, so pruned scales are captured too
+    runner = ScaleGraphs(model, pruned_shapes=True, text_bucket=text_bucket) if graphs else None
     if graphs:  # every policy once more with captured CUDA graphs (same seeds: outputs compared)
         policies.update({f"{k} [graphs]": v for k, v in list(policies.items())})
     times: dict[str, list[float]] = {k: [] for k in policies}
@@ -147,7 +148,7 @@ def bench_model(key: str, device: torch.device, repeats: int, smoke: bool,
                      # state, cache set-up, VAE decode
                      "scale_wall_ms": [round(1e3 * w, 2) for w in per_scale],
                      "outside_scales_ms": round(1e3 * (med - sum(per_scale)), 2),
-                     "batch": batch, "repeats": repeats,
+                     "batch": batch, "text_tokens": text_tokens, "repeats": repeats,
                      "peak_mem_gb": round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
                      if device.type == "cuda" else None})
         if name.endswith("[graphs]"):  # vs the eager run of the same policy, and the graphed unpruned run
@@ -171,13 +172,16 @@ def main(argv: list[str] | None = None) -> int:
                     help="also run every policy with captured CUDA graphs (pruning.cuda_graphs); on CPU the "
                          "same buffers run eagerly")
     ap.add_argument("--batch", type=int, default=1, help="prompts per generation (same policy for all)")
+    ap.add_argument("--text-tokens", type=int, default=64, help="prompt length in tokens")
+    ap.add_argument("--text-bucket", type=int, default=1,
+                    help="graphs: round text lengths up to this (the service uses 32; padded keys masked)")
     args = ap.parse_args(argv)
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
     keys = ["smoke"] if args.smoke else args.models.split(",")
     rows = []
     for k in keys:
         model_rows = bench_model(k, device, args.repeats, args.smoke, args.profile, args.diagnose, args.graphs,
-                                 args.batch)
+                                 args.batch, args.text_tokens, args.text_bucket)
         for r in model_rows:  # printed per model, so a run cut short keeps what it finished
             if args.json:
                 print(json.dumps(r), flush=True)

@@ -39,7 +39,7 @@ cp -r demo/weights/text_encoder "$WORK/tf/text_encoder"   # the shipped (determi
 
 if [ "$MODE" = smoke ]; then
   stage "gpu_bench tiny on cuda"
-  run 120 $PY benchmarks/gpu_bench.py --models smoke --repeats 1 --json --graphs
+  run 120 $PY benchmarks/gpu_bench.py --models smoke --repeats 1 --json --graphs --text-tokens 20 --text-bucket 32
   stage "vae 40 steps"
   run 120 $PY -m demo.train vae --device "$DEV" --workers "$WORKERS" --steps 40 --batch-size 32 --lr 1e-3 \
       --init demo/weights/vae.safetensors --data-seed 5 --out "$WORK/vae" --log-every 10
@@ -57,6 +57,8 @@ fi
 
 stage "gpu_bench 2b,8b at 1024x1024"
 run "${BENCH_S:-200}" $PY benchmarks/gpu_bench.py --models 2b,8b --repeats 5 --json --graphs --profile "$WORK/prof" ${BENCH_ARGS:-}
+stage "gpu_bench 2b, 20-token text in 32-token graph slots (the service's masked path)"
+run 90 $PY benchmarks/gpu_bench.py --models 2b --repeats 3 --json --graphs --text-tokens 20 --text-bucket 32
 grep '^{"card"' "$LOG" > "$OUT/gpu_bench.jsonl"
 # a call returns at most 8 files of 16 MB: tables in one archive, traces in another if small enough
 (cd "$WORK" && tar czf "$OUT/profiles.tgz" prof/*.txt && tar czf "$OUT/traces.tgz" prof/*.json) 2>/dev/null

@@ -55,12 +55,18 @@ class ScaleGraphs:
     """
 
     def __init__(self, model: InfinityModel, capture: bool | None = None, max_graphs: int = 256,
-                 pruned_shapes: bool = False) -> None:
+                 pruned_shapes: bool = False, text_bucket: int = 1) -> None:
         """``pruned_shapes``: also capture scales where rows keep a subset of tokens. Off by
         default: LHEP's keep count depends on the image, so every request would capture new
-        graphs; benchmarks with a forced keep fraction turn it on."""
+        graphs; benchmarks with a forced keep fraction turn it on.
+
+        ``text_bucket``: round text lengths up to a multiple of this, so prompts of different
+        lengths share graphs (a service sees every length; 1 = exact lengths, no mask added).
+        A padded text attends through a key mask, which selects another attention kernel than
+        the eager unmasked one: results then agree to rounding, not bit for bit."""
         self.model = model
         self.pruned_shapes = pruned_shapes
+        self.text_bucket = text_bucket
         self.capture = model.device.type == "cuda" if capture is None else capture
         self.max_graphs = max_graphs
         self.stats = GraphStats()
@@ -96,28 +102,42 @@ class ScaleGraphs:
         cache.reset()
         return cache
 
-    @staticmethod
-    def _text_key(state: TextState) -> tuple:
+    def _text_key(self, state: TextState) -> tuple:
+        """(rows, text slots, no mask needed): the text length rounded up to ``text_bucket``."""
         k0 = state.ca_kv[0][0]
-        return (k0.shape[0], k0.shape[2], state.text_mask is None)
+        n, tt = k0.shape[0], k0.shape[2]
+        tb = tt if self.text_bucket <= 1 else -(-tt // self.text_bucket) * self.text_bucket
+        return (n, tb, state.text_mask is None and tb == tt)
 
     def text_slot(self, state: TextState) -> tuple[tuple, TextState]:
-        """Fixed buffers holding ``state`` (copied when a different state object comes in)."""
+        """Fixed buffers holding ``state`` (copied when a different state object comes in). With a
+        ``text_bucket``, keys and values sit in the first Tt of Tb slots and the mask hides the rest
+        (the graph then serves every text length of the bucket)."""
         key = self._text_key(state)
+        n, tb, unmasked = key
+        tt = state.ca_kv[0][0].shape[2]
         slot = self._text.get(key)
         if slot is None:
-            slot = TextState(state.sos_ND.clone(), state.gss_N16C.clone(),
-                             [(k.clone(), v.clone()) for k, v in state.ca_kv],
-                             None if state.text_mask is None else state.text_mask.clone(), list(state.text_lens))
+            def padded(t: torch.Tensor) -> torch.Tensor:
+                return t.new_zeros(*t.shape[:2], tb, t.shape[3])
+            slot = TextState(torch.empty_like(state.sos_ND), torch.empty_like(state.gss_N16C),
+                             [(padded(k), padded(v)) for k, v in state.ca_kv],
+                             None if unmasked else torch.zeros(n, 1, 1, tb, dtype=torch.bool,
+                                                               device=state.sos_ND.device),
+                             list(state.text_lens))
             self._text[key] = slot
-        elif self._text_src.get(key) is not state:
+        if self._text_src.get(key) is not state:
             slot.sos_ND.copy_(state.sos_ND)
             slot.gss_N16C.copy_(state.gss_N16C)
             for (dk, dv), (sk, sv) in zip(slot.ca_kv, state.ca_kv, strict=True):
-                dk.copy_(sk)
-                dv.copy_(sv)
+                dk[:, :, :tt].copy_(sk)  # slots past tt keep old finite values; the mask hides them
+                dv[:, :, :tt].copy_(sv)
             if slot.text_mask is not None:
-                slot.text_mask.copy_(state.text_mask)
+                slot.text_mask.zero_()
+                if state.text_mask is None:
+                    slot.text_mask[..., :tt] = True
+                else:
+                    slot.text_mask[..., :tt].copy_(state.text_mask)
             slot.text_lens[:] = state.text_lens
         self._text_src[key] = state
         return key, slot
@@ -143,8 +163,8 @@ class ScaleGraphs:
         cache.begin_scale(layout)
         try:
             if g is None:
-                if len(self._graphs) >= self.max_graphs:
-                    self._graphs.clear()  # shapes are bounded per schedule; this only guards memory
+                if len(self._graphs) >= self.max_graphs:  # shapes are bounded; this only guards memory
+                    self._graphs.clear()
                 g = _Graph(x.clone(), rope.clone(), text_key)
                 self._capture(g, scale_idx, slot, layout, cache)
                 self._graphs[key] = g

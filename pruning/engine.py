@@ -28,6 +28,7 @@ from .policy import FastVARStyle, NoPruning, PruningPolicy, SkipVARStyle, make_p
 from .stats import SampleStats
 
 log = logging.getLogger(__name__)
+GRAPH_TEXT_BUCKET = 32
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,8 @@ class Engine:
     def set_cuda_graphs(self, enabled: bool) -> None:
         if enabled and self.model.device.type != "cuda":
             raise ValueError("cuda_graphs needs a CUDA device")
-        self.graphs = ScaleGraphs(self.model) if enabled else None
+        # text lengths rounded up to 32: prompts of 1-32, 33-64, ... tokens share their graphs
+        self.graphs = ScaleGraphs(self.model, text_bucket=GRAPH_TEXT_BUCKET) if enabled else None
 
     @property
     def preset(self) -> ModelPreset:
