@@ -78,19 +78,35 @@ def start_server(redis_url: str, port: int, preset: str = "tiny-2b", max_batch: 
     raise RuntimeError("server did not become ready")
 
 
-def one(client: httpx.Client, url: str) -> tuple[float, float]:
+def server_timing(header: str) -> dict[str, float]:
+    """``Server-Timing`` header -> {phase: ms}."""
+    out = {}
+    for part in header.split(","):
+        name, _, dur = part.strip().partition(";dur=")
+        if dur:
+            out[name] = float(dur)
+    return out
+
+
+def one(client: httpx.Client, url: str) -> tuple[float, float, dict[str, float]]:
     t0 = time.perf_counter()
     r = client.post(f"{url}/generate", json=BODY, timeout=120)
     e2e = time.perf_counter() - t0
     r.raise_for_status()
-    return e2e, r.json()["metrics"]["inference_s"]
+    return e2e, r.json()["metrics"]["inference_s"], server_timing(r.headers.get("server-timing", ""))
 
 
-def sequential(url: str, n: int) -> tuple[list[float], list[float]]:
+def sequential(url: str, n: int) -> tuple[list[float], list[float], list[dict[str, float]]]:
     with httpx.Client() as c:
         one(c, url)  # first use of the shape
         runs = [one(c, url) for _ in range(n)]
-    return [e for e, _ in runs], [e - i for e, i in runs]
+    phases = []
+    for e2e, _, st in runs:  # where the added time goes, from the server's own clocks
+        st = dict(st)
+        st["http"] = e2e * 1e3 - st.get("app", 0.0)  # client, uvicorn, routing, validation, JSON
+        st["notify"] = st.get("wait", 0.0) - st.get("infer", 0.0) - st.get("worker", 0.0)  # stream wake + pub/sub
+        phases.append(st)
+    return [e for e, _, _ in runs], [e - i for e, i, _ in runs], phases
 
 
 def throughput(url: str, clients: int, per_client: int) -> float:
@@ -120,11 +136,15 @@ def main() -> None:
     with EmbeddedRedis() as redis_server:
         proc = start_server(redis_server.url, port, args.preset)
         try:
-            e2e, added = sequential(url, args.n)
+            e2e, added, phases = sequential(url, args.n)
             print(f"service e2e (sync JSON+PNG): p50 {pct(e2e, .5) * 1000:.1f} ms  p99 {pct(e2e, .99) * 1000:.1f} ms")
             print(f"added latency (e2e - server inference time): p50 {pct(added, .5) * 1000:.1f} ms  "
                   f"p99 {pct(added, .99) * 1000:.1f} ms  mean {statistics.mean(added) * 1000:.1f} ms")
             print(f"added latency (e2e p50 - direct p50): {(pct(e2e, .5) - pct(d, .5)) * 1000:.1f} ms")
+            names = ("http", "enqueue", "notify", "worker", "encode")
+            print("added latency by phase, p50 ms (Server-Timing; http = e2e - handler time, notify = wait - "
+                  "inference - worker): " + ", ".join(f"{k} {pct([p.get(k, 0.0) for p in phases], .5):.2f}"
+                                                      for k in names))
         finally:
             proc.terminate()
             proc.wait(60)

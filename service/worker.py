@@ -208,7 +208,8 @@ class Worker:
             result = result_doc(h.spec, imgs[0].width, imgs[0].height,
                                 queue_wait_s=(h.entry.started_ms - h.entry.created_ms) / 1000,
                                 inference_s=out.seconds, batch_images=batch_images(live),
-                                per_image=[{"stats": i.stats, "prompt_truncated": i.prompt_truncated} for i in imgs])
+                                per_image=[{"stats": i.stats, "prompt_truncated": i.prompt_truncated} for i in imgs],
+                                worker_s=time.monotonic() - h.entry.claimed_at)
             fields: dict[str, Any] = {"result": json.dumps(result)}
             fields.update({f"img{k}": img.rgb for k, img in enumerate(imgs)})
             stored = self.queue.finish(h.entry, "succeeded", fields)
@@ -231,9 +232,12 @@ class Worker:
 
 
 def result_doc(spec: JobSpec, width: int, height: int, *, queue_wait_s: float, inference_s: float,
-               batch_images: int, per_image: list[dict[str, Any]]) -> dict[str, Any]:
+               batch_images: int, per_image: list[dict[str, Any]], worker_s: float | None = None) -> dict[str, Any]:
+    """``worker_s``: from the worker taking the job off the stream to storing its result (includes
+    any wait for a batch and the inference), for the API's Server-Timing header."""
     return {"width": width, "height": height, "queue_wait_s": round(queue_wait_s, 4),
             "inference_s": round(inference_s, 4), "batch_images": batch_images,
+            "worker_s": None if worker_s is None else round(worker_s, 5),
             "images": [{"seed": seed, **p} for seed, p in zip(spec.seeds, per_image, strict=True)]}
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
 
@@ -71,15 +72,44 @@ def _accept_image(accept: str | None) -> str | None:
     return None
 
 
+class Timing:
+    """Phases of one request, sent as a ``Server-Timing`` header (milliseconds): ``enqueue`` (job
+    stored and queued), ``wait`` (until the result is back), ``infer`` and ``worker`` (the worker's
+    own time besides inference: picking the job up, starting it, converting and storing results),
+    ``encode`` (image files), ``app`` (the whole handler). Browsers show it in their dev tools."""
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+        self.ms: dict[str, float] = {}
+
+    def add(self, name: str, since: float) -> float:
+        now = time.perf_counter()
+        self.ms[name] = (now - since) * 1e3
+        return now
+
+    def header(self, job: Job | None) -> str:
+        r = (job.result or {}) if job is not None else {}
+        ms = dict(self.ms)
+        if r.get("inference_s") is not None:
+            ms["infer"] = r["inference_s"] * 1e3
+            if r.get("worker_s") is not None:
+                ms["worker"] = max(0.0, r["worker_s"] - r["inference_s"]) * 1e3
+        ms["app"] = (time.perf_counter() - self.t0) * 1e3
+        return ", ".join(f"{k};dur={v:.2f}" for k, v in ms.items())
+
+
 async def _submit(spec: JobSpec, *, prefer: str | None, idem: str | None, cancel_after: str | None,
                   settings: SettingsDep, queue: QueueDep, notifier: NotifierDep,
-                  metrics: MetricsDep) -> tuple[Job | None, str, float]:
+                  metrics: MetricsDep, timing: Timing | None = None) -> tuple[Job | None, str, float]:
+    timing = timing or Timing()
     is_async = "respond-async" in (prefer or "").lower()
     deadline = _duration(cancel_after)
     wait_s = settings.sync_timeout_s if deadline is None else min(deadline, settings.sync_timeout_s)
     timeout = deadline if is_async else wait_s
     try:
+        t = time.perf_counter()
         job_id, _created = await queue.enqueue(spec, timeout_s=timeout, idempotency_key=idem)
+        t = timing.add("enqueue", t)
     except QueueFull as e:
         raise ApiError(429, f"the queue is full ({e.depth} jobs); retry later", code="queue_full",
                        headers={"Retry-After": str(e.retry_after_s)}) from None
@@ -88,6 +118,7 @@ async def _submit(spec: JobSpec, *, prefer: str | None, idem: str | None, cancel
     if is_async:
         return await queue.get(job_id), job_id, wait_s
     job = await notifier.wait(job_id, wait_s)
+    timing.add("wait", t)
     if job is None or job.terminal:
         return job, job_id, wait_s
     prev = await queue.terminate(job_id, "expired", {"message": "deadline passed before the job finished",
@@ -141,43 +172,53 @@ def _count_images(metrics: MetricsDep, fmt: str, n: int) -> None:
 @protected.post("/generate", response_model=GenerateResponse, status_code=200, tags=["generate"],
                 responses={202: {"model": JobModel}, 200: {"content": {m: {} for m in MEDIA_TYPES.values()}}})
 async def generate(body: GenerateRequest, settings: SettingsDep, queue: QueueDep, notifier: NotifierDep,
-                   metrics: MetricsDep, prefer: PreferH = None, idem: IdemH = None, cancel_after: CancelAfterH = None,
-                   accept: AcceptH = None) -> Any:
+                   metrics: MetricsDep, response: Response, prefer: PreferH = None, idem: IdemH = None,
+                   cancel_after: CancelAfterH = None, accept: AcceptH = None) -> Any:
     """Generate images; synchronous by default (waits up to the server deadline)."""
+    timing = Timing()
     spec = convert.spec_from_generate(body, settings)
     raw_fmt = _accept_image(accept)
     if raw_fmt and spec.n != 1:
         raise ApiError(406, "a raw image response needs n=1; use Accept: application/json", param="n",
                        code="not_acceptable")
     job, job_id, _ = await _submit(spec, prefer=prefer, idem=idem, cancel_after=cancel_after, settings=settings,
-                                   queue=queue, notifier=notifier, metrics=metrics)
+                                   queue=queue, notifier=notifier, metrics=metrics, timing=timing)
     if "respond-async" in (prefer or "").lower():
         return _async_response(job, job_id, settings.png_compress_level)
     job = _raise_for(job, job_id)
+    t = time.perf_counter()
     if raw_fmt:
         data = await _run_encode(spec.width * spec.height, encode, job.images[0], spec.width, spec.height, raw_fmt,
                                  spec.quality, settings.png_compress_level)
+        timing.add("encode", t)
         _count_images(metrics, raw_fmt, 1)
         seed = str(job.spec.seeds[0])
-        return Response(data, media_type=MEDIA_TYPES[raw_fmt], headers={"x-seed": seed, "x-job-id": job.id})
+        return Response(data, media_type=MEDIA_TYPES[raw_fmt],
+                        headers={"x-seed": seed, "x-job-id": job.id, "Server-Timing": timing.header(job)})
     encoded = await _encode_images(job, settings.png_compress_level)
+    timing.add("encode", t)
     _count_images(metrics, spec.output_format, len(encoded))
+    response.headers["Server-Timing"] = timing.header(job)
     return convert.generate_body(job, encoded)
 
 
 @protected.post("/v1/images/generations", response_model=OpenAIImagesResponse, tags=["openai"],
                 responses={202: {"model": JobModel}})
 async def images_generations(body: OpenAIImageRequest, settings: SettingsDep, queue: QueueDep,
-                             notifier: NotifierDep, metrics: MetricsDep, prefer: PreferH = None, idem: IdemH = None,
-                             cancel_after: CancelAfterH = None) -> Any:
+                             notifier: NotifierDep, metrics: MetricsDep, response: Response, prefer: PreferH = None,
+                             idem: IdemH = None, cancel_after: CancelAfterH = None) -> Any:
     """OpenAI-compatible image generation (extensions: seed, negative_prompt, guidance_scale, pruning)."""
+    timing = Timing()
     spec = convert.spec_from_openai(body, settings)
     job, job_id, _ = await _submit(spec, prefer=prefer, idem=idem, cancel_after=cancel_after, settings=settings,
-                                   queue=queue, notifier=notifier, metrics=metrics)
+                                   queue=queue, notifier=notifier, metrics=metrics, timing=timing)
     if "respond-async" in (prefer or "").lower():
         return _async_response(job, job_id, settings.png_compress_level)
     job = _raise_for(job, job_id)
+    t = time.perf_counter()
     encoded = await _encode_images(job, settings.png_compress_level)
+    timing.add("encode", t)
+    response.headers["Server-Timing"] = timing.header(job)
     _count_images(metrics, spec.output_format, len(encoded))
     return convert.openai_body(job, encoded, body.quality)
 

@@ -50,6 +50,12 @@ def test_sync_generate_returns_image_of_requested_size(serve: Proc) -> None:
     m = body["metrics"]
     assert m["queue_wait_s"] >= 0 and m["inference_s"] > 0
     assert re.fullmatch(r"req_[0-9a-f]{32}", r.headers["x-request-id"])
+    # Server-Timing: every phase, inference as reported in the body, phases within the handler's time
+    timing = {k: float(v) for k, v in re.findall(r"(\w+);dur=([0-9.]+)", r.headers["server-timing"])}
+    assert set(timing) == {"enqueue", "wait", "infer", "worker", "encode", "app"}
+    assert timing["infer"] == pytest.approx(m["inference_s"] * 1e3, abs=0.1)
+    assert timing["infer"] + timing["worker"] <= timing["wait"] <= timing["app"]
+    assert timing["enqueue"] + timing["wait"] + timing["encode"] <= timing["app"] + 0.05
 
 
 @pytest.mark.parametrize("fmt", ["jpeg", "webp"])
@@ -66,6 +72,7 @@ def test_raw_image_with_accept_header(serve: Proc) -> None:
     r = post(serve, "/generate", {"prompt": "a tree", "seed": 11}, {"Accept": "image/webp"})
     assert r.status_code == 200 and r.headers["content-type"] == "image/webp"
     assert Image.open(io.BytesIO(r.content)).size == (256, 256) and r.headers["x-seed"] == "11"
+    assert "encode;dur=" in r.headers["server-timing"]
     r = post(serve, "/generate", {"prompt": "a tree", "n": 2}, {"Accept": "image/png"})
     assert r.status_code == 406 and r.json()["error"]["param"] == "n"
 
