@@ -11,6 +11,8 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from .imaging import PngParams
+
 
 def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
@@ -56,8 +58,15 @@ class ServiceSettings(BaseSettings):
     At CPython's 5 ms the worker's Python code could keep a finished job's response waiting up to
     5 ms; 1 ms cut added latency and end-to-end time in three of three A/B runs (see README)."""
     png_compress_level: int = Field(1, ge=0, le=9)
-    """zlib level of PNG output: 1 encodes a 256 px image ~1.6x faster than Pillow's default 6 for
-    files a few percent larger (see docs)."""
+    """zlib level of PNG output (with ``png_strategy`` default: Pillow's default is 6)."""
+    png_strategy: Literal["rle", "default", "huffman"] = "rle"
+    """zlib strategy of PNG output. ``rle`` (run-length matches only) encoded the demo pictures and
+    256 px noise faster than level 1's default strategy and into smaller files (service README);
+    ``default`` with level 9 gives the smallest files, slowly."""
+
+    @property
+    def png(self) -> PngParams:
+        return PngParams(self.png_compress_level, self.png_strategy)
     block_ms: int = Field(200, ge=10, le=10_000)
     calibrate_realized_speedup: bool = True
     worker_metrics_port: int = Field(9101, ge=0, le=65535)

@@ -8,7 +8,7 @@ from typing import Any
 from model_loader.configs import PRESETS as MODEL_PRESETS
 from pruning.config import pruning_config
 
-from ..imaging import b64, encode
+from ..imaging import DEFAULT_PNG, PngParams, b64, encode
 from ..queue import Job
 from ..settings import ServiceSettings
 from ..sizing import ModelSizes, SizeError, parse_openai_size, resolve_size
@@ -103,9 +103,9 @@ def spec_from_openai(req: OpenAIImageRequest, s: ServiceSettings) -> JobSpec:
                    quality=req.output_compression, route="openai")
 
 
-def encoded_images(job: Job, png_level: int = 1) -> list[bytes]:
+def encoded_images(job: Job, png: PngParams = DEFAULT_PNG) -> list[bytes]:
     sp = job.spec
-    return [encode(raw, sp.width, sp.height, sp.output_format, sp.quality, png_level) for raw in job.images]
+    return [encode(raw, sp.width, sp.height, sp.output_format, sp.quality, png) for raw in job.images]
 
 
 def image_items(job: Job, encoded: list[bytes]) -> list[dict[str, Any]]:

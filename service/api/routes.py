@@ -13,7 +13,7 @@ from fastapi import APIRouter, Depends, Header, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from ..imaging import MEDIA_TYPES, encode
+from ..imaging import MEDIA_TYPES, PngParams, encode
 from ..queue import IdempotencyMismatch, Job, QueueFull
 from ..spec import TERMINAL, JobSpec
 from . import convert
@@ -140,10 +140,10 @@ def _raise_for(job: Job | None, job_id: str) -> Job:
                    type_=err.get("type"))
 
 
-def _async_response(job: Job | None, job_id: str, png_level: int) -> JSONResponse:
+def _async_response(job: Job | None, job_id: str, png: PngParams) -> JSONResponse:
     if job is None:
         raise ApiError(404, f"job {job_id} no longer exists", code="job_not_found")
-    body = convert.job_body(job, convert.encoded_images(job, png_level) if job.status == "succeeded" else None)
+    body = convert.job_body(job, convert.encoded_images(job, png) if job.status == "succeeded" else None)
     return JSONResponse(body, status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
 
 
@@ -160,9 +160,9 @@ async def _run_encode(pixels: int, fn: Callable[..., T], *args: Any) -> T:
     return await asyncio.to_thread(fn, *args)
 
 
-async def _encode_images(job: Job, png_level: int) -> list[bytes]:
+async def _encode_images(job: Job, png: PngParams) -> list[bytes]:
     return await _run_encode(job.spec.width * job.spec.height * len(job.images), convert.encoded_images,
-                             job, png_level)
+                             job, png)
 
 
 def _count_images(metrics: MetricsDep, fmt: str, n: int) -> None:
@@ -184,18 +184,18 @@ async def generate(body: GenerateRequest, settings: SettingsDep, queue: QueueDep
     job, job_id, _ = await _submit(spec, prefer=prefer, idem=idem, cancel_after=cancel_after, settings=settings,
                                    queue=queue, notifier=notifier, metrics=metrics, timing=timing)
     if "respond-async" in (prefer or "").lower():
-        return _async_response(job, job_id, settings.png_compress_level)
+        return _async_response(job, job_id, settings.png)
     job = _raise_for(job, job_id)
     t = time.perf_counter()
     if raw_fmt:
         data = await _run_encode(spec.width * spec.height, encode, job.images[0], spec.width, spec.height, raw_fmt,
-                                 spec.quality, settings.png_compress_level)
+                                 spec.quality, settings.png)
         timing.add("encode", t)
         _count_images(metrics, raw_fmt, 1)
         seed = str(job.spec.seeds[0])
         return Response(data, media_type=MEDIA_TYPES[raw_fmt],
                         headers={"x-seed": seed, "x-job-id": job.id, "Server-Timing": timing.header(job)})
-    encoded = await _encode_images(job, settings.png_compress_level)
+    encoded = await _encode_images(job, settings.png)
     timing.add("encode", t)
     _count_images(metrics, spec.output_format, len(encoded))
     response.headers["Server-Timing"] = timing.header(job)
@@ -213,10 +213,10 @@ async def images_generations(body: OpenAIImageRequest, settings: SettingsDep, qu
     job, job_id, _ = await _submit(spec, prefer=prefer, idem=idem, cancel_after=cancel_after, settings=settings,
                                    queue=queue, notifier=notifier, metrics=metrics, timing=timing)
     if "respond-async" in (prefer or "").lower():
-        return _async_response(job, job_id, settings.png_compress_level)
+        return _async_response(job, job_id, settings.png)
     job = _raise_for(job, job_id)
     t = time.perf_counter()
-    encoded = await _encode_images(job, settings.png_compress_level)
+    encoded = await _encode_images(job, settings.png)
     timing.add("encode", t)
     response.headers["Server-Timing"] = timing.header(job)
     _count_images(metrics, spec.output_format, len(encoded))
@@ -231,7 +231,7 @@ async def get_job(job_id: str, settings: SettingsDep, queue: QueueDep, metrics: 
         raise ApiError(404, f"no job {job_id!r}", param="job_id", code="job_not_found")
     encoded = None
     if job.status == "succeeded":
-        encoded = await _encode_images(job, settings.png_compress_level)
+        encoded = await _encode_images(job, settings.png)
         _count_images(metrics, job.spec.output_format, len(encoded))
     return convert.job_body(job, encoded)
 

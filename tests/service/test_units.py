@@ -116,3 +116,23 @@ def test_dead_letter_after_max_deliveries(redis_url: str) -> None:
     assert err["code"] == "dead_lettered" and "deliveries" in err["message"]
     assert client.xlen(keys.dlq) == 1 and client.xpending(keys.stream, keys.group)["pending"] == 0
     assert worker.metrics.dead_letters._value.get() == 1
+
+
+@pytest.mark.parametrize("strategy", ["rle", "default", "huffman"])
+def test_png_strategies_are_lossless(strategy: str) -> None:
+    """Every PNG setting decodes to the exact pixels; the strategy changes the bytes, not the image."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from service.imaging import PngParams, encode
+
+    rng = np.random.default_rng(0)
+    rgb = np.zeros((48, 64, 3), np.uint8)
+    rgb[8:30, 10:40] = (200, 30, 30)  # flat shapes and a noisy patch, like the demo's pictures
+    rgb[30:, 40:] = rng.integers(0, 256, (18, 24, 3), dtype=np.uint8)
+    data = encode(rgb.tobytes(), 64, 48, "png", png=PngParams(1, strategy))
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")), rgb)
+    if strategy != "default":
+        assert data != encode(rgb.tobytes(), 64, 48, "png", png=PngParams(1, "default"))
