@@ -152,6 +152,8 @@ class Engine:
         grids = grids_for(1.0, pn or self.preset.pn)
         self.generate([ImageRequest("warm up", SamplingParams(seed=0)),
                        ImageRequest("warm up", SamplingParams(seed=1), PruningConfig())], grids)
+        if self.graphs is not None:  # capture the commonest shape too: one prompt (<= 32 tokens), CFG
+            self.generate([ImageRequest("warm up", SamplingParams(seed=2))], grids)
         return time.perf_counter() - t0
 
     def image_size(self, grids: tuple[tuple[int, int], ...]) -> tuple[int, int]:
