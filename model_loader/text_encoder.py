@@ -170,10 +170,13 @@ def load_text_encoder(
     *,
     dtype: torch.dtype | None = None,
     expected_channels: int | None = None,
+    pad_to_max_length: bool = True,
 ) -> TextEncoder:
     """The text encoder a preset names: flan-t5-xl needs a local ``path``; tiny-t5 is built if none is given.
 
     ``expected_channels`` (the transformer's ``text_channels``) is checked against the encoder's d_model.
+    ``pad_to_max_length=False`` runs T5 on the longest prompt of a batch instead of 512 positions
+    (the official models keep True, as the official code pads).
     """
     if preset_text_encoder == TINY_T5_NAME:
         folder: str | os.PathLike[str] = path if path is not None else ensure_tiny_t5()
@@ -185,7 +188,7 @@ def load_text_encoder(
     else:
         known = ", ".join((*FLAN_T5_NAMES, TINY_T5_NAME))
         raise ValueError(f"unknown text encoder {preset_text_encoder!r}; known: {known}")
-    encoder = T5TextEncoder(folder, device=device, dtype=dtype)
+    encoder = T5TextEncoder(folder, device=device, dtype=dtype, pad_to_max_length=pad_to_max_length)
     if expected_channels is not None and encoder.d_model != expected_channels:
         raise ValueError(f"text encoder in {str(encoder.path)!r} has d_model {encoder.d_model}, "
                          f"but the transformer expects {expected_channels} text channels")

@@ -92,16 +92,18 @@ class Engine:
     @classmethod
     def from_preset(cls, preset: str | ModelPreset, *, transformer_path: str | Path | None = None,
                     vae_path: str | Path | None = None, text_encoder_path: str | Path | None = None,
-                    device: str = "cpu", dtype_policy: str = "official", seed: int = 0) -> Engine:
+                    device: str = "cpu", dtype_policy: str = "official", seed: int = 0,
+                    pad_text_to_max: bool = True) -> Engine:
         """Load a preset's weights, or build seeded random weights when no paths are given
-        (only allowed for presets whose text encoder is the built-in tiny one)."""
+        (only allowed for presets whose text encoder is the built-in tiny one).
+        ``pad_text_to_max=False``: T5 runs on the batch's longest prompt, not 512 positions."""
         from model_loader.checkpoint import load_model
         from model_loader.random_init import random_model
         from model_loader.text_encoder import load_text_encoder
 
         p = get_preset(preset) if isinstance(preset, str) else preset
         text = load_text_encoder(p.text_encoder, text_encoder_path, device,
-                                 expected_channels=p.transformer.text_channels)
+                                 expected_channels=p.transformer.text_channels, pad_to_max_length=pad_text_to_max)
         if transformer_path is None and vae_path is None:
             if p.text_encoder != "tiny-t5":
                 raise ValueError(f"preset {p.name} needs transformer and VAE weights (transformer_path, vae_path)")
