@@ -8,11 +8,11 @@ pruning the last scales saves little wall time (issue 3's profile: GPU busy 525 
 What a graph is keyed on (everything that fixes shapes, pointers or Python-int offsets): scale
 index, rows, tokens per row, the cache's per-row lengths, text length and whether a text mask
 exists, dtype. Replays read fixed input buffers (x, RoPE, the text state) and a persistent KV
-cache, so the runner owns those: ``kv_cache`` hands out one cache per (rows, capacity) that is
-reset for every batch, ``text_slot`` copies a batch's text state into fixed buffers once per
-state object. Only uniform scales whose cache is in 'slice' mode are captured (the unpruned
-scales, and with ``pruned_shapes`` pruned scales where every row keeps the same count, e.g.
-batch 1); the rest run eagerly, as do all scales on CPU, where ``capture=False`` runs the same bookkeeping without
+cache, so the runner owns those: ``kv_cache`` hands out views of one buffer set, emptied for
+every batch; ``text_slot`` copies a batch's text state into fixed buffers once per state object.
+Only uniform scales whose cache is in 'slice' mode are captured (the unpruned scales, and with
+``pruned_shapes`` pruned scales where every row keeps the same count, e.g. batch 1); the rest run
+eagerly, as do all scales on CPU, where ``capture=False`` runs the same bookkeeping without
 graphs (what the CPU tests check against the plain loop).
 """
 
@@ -35,7 +35,6 @@ logger = logging.getLogger(__name__)
 class _Graph:
     x: torch.Tensor
     rope: torch.Tensor
-    text_key: tuple
     out: torch.Tensor | None = None
     graph: torch.cuda.CUDAGraph | None = None
 
@@ -158,14 +157,14 @@ class ScaleGraphs:
             h = tf.forward_scale(x, scale_idx, state, layout, rope, cache)
             return tf.logits(h, head_cond(layout, state.sos_ND))
         text_key, slot = self.text_slot(state)
-        key = (scale_idx, layout.n_rows, layout.lens[0], cache.lens, text_key, x.dtype, rope.shape, id(cache))
+        key = (scale_idx, layout.n_rows, layout.lens[0], cache.lens, cache.capacity, text_key, x.dtype, rope.shape)
         g = self._graphs.get(key)
         cache.begin_scale(layout)
         try:
             if g is None:
                 if len(self._graphs) >= self.max_graphs:  # shapes are bounded; this only guards memory
                     self._graphs.clear()
-                g = _Graph(x.clone(), rope.clone(), text_key)
+                g = _Graph(x.clone(), rope.clone())
                 self._capture(g, scale_idx, slot, layout, cache)
                 self._graphs[key] = g
             else:
@@ -191,8 +190,7 @@ class ScaleGraphs:
 
     def _capture(self, g: _Graph, scale_idx, slot, layout, cache) -> None:
         if not self.capture:
-            g.out = self._fn(g, scale_idx, slot, layout, cache)
-            self.stats.eager += 1
+            self._replay(g, scale_idx, slot, layout, cache)
             return
         # warm-up on a side stream (lazy inits, algorithm choice), then capture; the warm-up's
         # output is this call's result, and its cache writes are what a replay writes again

@@ -100,8 +100,7 @@ class Timing:
 
 async def _submit(spec: JobSpec, *, prefer: str | None, idem: str | None, cancel_after: str | None,
                   settings: SettingsDep, queue: QueueDep, notifier: NotifierDep,
-                  metrics: MetricsDep, timing: Timing | None = None) -> tuple[Job | None, str, float]:
-    timing = timing or Timing()
+                  metrics: MetricsDep, timing: Timing) -> tuple[Job | None, str, float]:
     is_async = "respond-async" in (prefer or "").lower()
     deadline = _duration(cancel_after)
     wait_s = settings.sync_timeout_s if deadline is None else min(deadline, settings.sync_timeout_s)
