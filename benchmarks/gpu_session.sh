@@ -10,11 +10,13 @@
 # (their JSON logs). Every stage is bounded by `timeout`; a failing stage does not stop the next.
 # INIT_TRANSFORMER (default demo/weights/transformer.safetensors) is the transformer to continue from
 # (bf16 works: stage 6 continued the bf16 export; a 28 MB fp32 file is over the 16 MB a call returns).
-# Stage budgets in seconds: BENCH_S (200), VAE_S (90; 0 skips the VAE and keeps the shipped one),
+# Stage budgets in seconds: BENCH_S (200; 0 skips the benchmarks), VAE_S (90; 0 skips the VAE and keeps the shipped one),
 # TF_S (200), TF2_S (0: no stage 5). Transformer run: TF_BATCH (64), TF_LR (5e-4), TF_SEED (data seed,
-# 3), FLIP_MAX (0: no bitwise self-correction). BENCH_ARGS adds gpu_bench flags (e.g. --diagnose).
+# 3), FLIP_MAX (0: no bitwise self-correction),
+# TF_REPLAY (0: no replay buffer; else its size in images), TF_AMP (empty, or bf16), TF_SAVE_EVERY (0). BENCH_ARGS adds gpu_bench flags (e.g. --diagnose).
 # As run on 2026-11-26: BENCH_S=160 VAE_S=90 TF_S=195 (421 s), then stage 5 (198 s) as a second command;
-# in the next session stage 6 (demo/README.md), where BENCH_S=150 with --diagnose ended before the 8B rows.
+# in the next session stage 6 (demo/README.md), where BENCH_S=150 with --diagnose ended before the 8B rows;
+# stage 7: BENCH_S=0 VAE_S=0 TF_S=420 TF_BATCH=512 TF_SEED=7 FLIP_MAX=0.15 TF_REPLAY=500000 TF_AMP=bf16.
 set -u
 MODE=${1:-smoke}
 mkdir -p "${OUT:-gpu_out}"
@@ -55,14 +57,16 @@ if [ "$MODE" = smoke ]; then
   exit 0
 fi
 
-stage "gpu_bench 2b,8b at 1024x1024"
-run "${BENCH_S:-200}" $PY benchmarks/gpu_bench.py --models 2b,8b --repeats 5 --json --graphs --profile "$WORK/prof" ${BENCH_ARGS:-}
-stage "gpu_bench 2b, 20-token text in 32-token graph slots (the service's masked path)"
-run 90 $PY benchmarks/gpu_bench.py --models 2b --repeats 3 --json --graphs --text-tokens 20 --text-bucket 32
-grep '^{"card"' "$LOG" > "$OUT/gpu_bench.jsonl"
-# a call returns at most 8 files of 16 MB: tables in one archive, traces in another if small enough
-(cd "$WORK" && tar czf "$OUT/profiles.tgz" prof/*.txt && tar czf "$OUT/traces.tgz" prof/*.json) 2>/dev/null
-[ "$(stat -c %s "$OUT/traces.tgz" 2>/dev/null || echo 0)" -lt 15000000 ] || rm -f "$OUT/traces.tgz"
+if [ "${BENCH_S:-200}" -gt 0 ]; then
+  stage "gpu_bench 2b,8b at 1024x1024"
+  run "${BENCH_S:-200}" $PY benchmarks/gpu_bench.py --models 2b,8b --repeats 5 --json --graphs --profile "$WORK/prof" ${BENCH_ARGS:-}
+  stage "gpu_bench 2b, 20-token text in 32-token graph slots (the service's masked path)"
+  run 90 $PY benchmarks/gpu_bench.py --models 2b --repeats 3 --json --graphs --text-tokens 20 --text-bucket 32
+  grep '^{"card"' "$LOG" > "$OUT/gpu_bench.jsonl"
+  # a call returns at most 8 files of 16 MB: tables in one archive, traces in another if small enough
+  (cd "$WORK" && tar czf "$OUT/profiles.tgz" prof/*.txt && tar czf "$OUT/traces.tgz" prof/*.json) 2>/dev/null
+  [ "$(stat -c %s "$OUT/traces.tgz" 2>/dev/null || echo 0)" -lt 15000000 ] || rm -f "$OUT/traces.tgz"
+fi
 
 VAE=demo/weights/vae.safetensors
 if [ "${VAE_S:-90}" -gt 0 ]; then
@@ -85,7 +89,8 @@ cp "$VAE" "$WORK/tf/vae.safetensors"
 run $(( ${TF_S:-200} + 60 )) $PY -m demo.train transformer --device "$DEV" --workers "$WORKERS" \
     --minutes "$(awk "BEGIN{print ${TF_S:-200}/60}")" --steps 100000 --batch-size "${TF_BATCH:-64}" --lr "${TF_LR:-5e-4}" \
     --per-scale-loss --flip-max "${FLIP_MAX:-0}" --init-transformer "$INIT_TF" --vae "$WORK/tf/vae.safetensors" \
-    --data-seed "${TF_SEED:-3}" --out "$WORK/tf" --log-every 200
+    --data-seed "${TF_SEED:-3}" --replay "${TF_REPLAY:-0}" ${TF_AMP:+--amp "$TF_AMP"} --out "$WORK/tf" \
+    --log-every 200 --save-every "${TF_SAVE_EVERY:-0}"
 if [ "${TF2_S:-0}" -gt 0 ]; then  # stage 5 (what the shipped weights got): one call cannot hold both
   stage "transformer stage 5"
   cp "$WORK/tf/transformer.safetensors" "$WORK/tf_stage4.safetensors"

@@ -46,6 +46,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--init-transformer", type=Path, help="continue from this transformer.safetensors")
     g.add_argument("--flip-max", type=float, default=0.0,
                    help="bitwise self-correction: each row flips fed bits with probability U(0, flip-max)")
+    g.add_argument("--replay", type=int, default=0,
+                   help="keep this many encoded images on the device and train on them again while new ones "
+                        "render (0: every row rendered for its step; a GPU outruns the renderers)")
+    g.add_argument("--amp", choices=("bf16",), help="forward and loss under bfloat16 autocast (a GPU)")
     g.add_argument("--stop-after", type=int, help="stop (and save) after this many steps of the --steps schedule")
     return p.parse_args(argv)
 
@@ -70,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
 
         train_transformer(args, a.vae or a.out / "vae.safetensors", cond_drop=a.cond_drop,
                           per_scale_loss=a.per_scale_loss, init=a.init_transformer, stop_after=a.stop_after,
-                          flip_max=a.flip_max)
+                          flip_max=a.flip_max, replay=a.replay, amp=a.amp)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ to correct earlier mistakes.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import logging
 import math
 from dataclasses import replace
@@ -36,9 +38,12 @@ from model_loader.vae import BSQVAE, bits_to_codes, resize_codes, vae_bits_to_to
 
 from .preset import DEMO_PRESET, build_demo_text_encoder
 from .train_common import (
+    BackgroundBatches,
+    ReplayBuffer,
     RunLog,
     TimeBudget,
     TrainArgs,
+    check_finite,
     make_optimizer,
     optimizer_step,
     save_run,
@@ -99,7 +104,13 @@ def teacher_forcing_batch(vae: BSQVAE, img_B3HW: torch.Tensor, grids, flip_B: to
     ``flip_B`` (B,) is each row's bit-flip probability for bitwise self-correction (None: none,
     which is exactly the VAE's ``quantize_multiscale``); ``gen`` draws the flips.
     """
-    z_BDhw = vae.encode(img_B3HW)
+    return teacher_forcing_from_latent(vae, vae.encode(img_B3HW), grids, flip_B, gen)
+
+
+@torch.no_grad()
+def teacher_forcing_from_latent(vae: BSQVAE, z_BDhw: torch.Tensor, grids, flip_B: torch.Tensor | None = None,
+                                gen: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``teacher_forcing_batch`` from the VAE encoder's latents (what the replay buffer keeps)."""
     if flip_B is None:
         _, bits = vae.quantize_multiscale(z_BDhw, list(grids))
         fed = bits
@@ -169,11 +180,21 @@ def train_transformer(args: TrainArgs, vae_path: str | Path, *, cfg: Transformer
                       vae_cfg: VAEConfig = DEMO_PRESET.vae, cond_drop: float = 0.1,
                       text_encoder_dir: Path | None = None, per_scale_loss: bool = False,
                       init: str | Path | None = None, stop_after: int | None = None,
-                      flip_max: float = 0.0) -> InfinityTransformer:
-    """Writes ``<out>/transformer.safetensors``, ``transformer.json`` and ``<out>/text_encoder/``."""
+                      flip_max: float = 0.0, replay: int = 0, amp: str | None = None) -> InfinityTransformer:
+    """Writes ``<out>/transformer.safetensors``, ``transformer.json`` and ``<out>/text_encoder/``.
+
+    ``replay`` > 0 keeps that many encoded images in a ``ReplayBuffer`` on the device: each step
+    takes the batches rendered since the last step (fresh rows first) and fills the rest from the
+    buffer, so a GPU is not held to the renderers' pace (runs are then not reproducible: what is
+    fresh depends on timing). ``amp="bf16"``: the forward and loss under bfloat16 autocast
+    (float32 weights and optimizer).
+    """
+    if amp not in (None, "bf16"):
+        raise ValueError(f"amp must be None or 'bf16', got {amp!r}")
     seed_everything(args.seed)
     grids = SCHEDULE
-    vae = load_frozen_vae(vae_path, vae_cfg).to(args.device)
+    dev = torch.device(args.device)
+    vae = load_frozen_vae(vae_path, vae_cfg).to(dev)
     enc = demo_text_encoder(text_encoder_dir or args.out / "text_encoder", cfg.text_maxlen, args.device)
     if enc.d_model != cfg.text_channels:
         raise ValueError(f"text encoder d_model {enc.d_model} != text_channels {cfg.text_channels}")
@@ -181,37 +202,71 @@ def train_transformer(args: TrainArgs, vae_path: str | Path, *, cfg: Transformer
     if init is not None:
         tf.load_state_dict(read_safetensors(Path(init)))
         logger.info("initialised the transformer from %s", init)
-    tf.to(args.device)
-    rope = rope_tables(cfg.head_dim, rope_positions(tuple(grids))).to(args.device)
+    tf.to(dev)
+    rope = rope_tables(cfg.head_dim, rope_positions(tuple(grids))).to(dev)
     sizes = [h * w for h, w in grids]
     args = replace(args, extra={**args.extra, "vae": str(vae_path), "cond_drop": cond_drop,
                                 "per_scale_loss": per_scale_loss, "init": str(init) if init else None,
-                                "stop_after": stop_after, "flip_max": flip_max})
+                                "stop_after": stop_after, "flip_max": flip_max, "replay": replay, "amp": amp})
     opt = make_optimizer(tf, args.lr, args.weight_decay)
-    gen = torch.Generator().manual_seed(args.seed + 1)
+    # flips and text drops drawn where they are used (the CPU generator on a CPU, as every CPU run had)
+    gen = torch.Generator(dev).manual_seed(args.seed + 1) if dev.type == "cuda" else \
+        torch.Generator().manual_seed(args.seed + 1)
     log = RunLog(args)
     logger.info("transformer %s: %.2fM parameters, %d tokens per image", cfg,
                 sum(p.numel() for p in tf.parameters()) / 1e6, sum(sizes))
     budget = TimeBudget(args.minutes)
     batches = train_batches(args.steps, args.batch_size, args.data_seed, args.workers)
-    for step, (img_B3HW, captions) in enumerate(batches):
-        if step >= min(args.steps, stop_after or args.steps):  # --stop-after, or a fitted time budget
-            break
-        img_B3HW = img_B3HW.to(args.device, non_blocking=True)
-        flip_B = torch.rand(len(captions), generator=gen) * flip_max if flip_max > 0 else None
-        x_BLd, labels_BLD = teacher_forcing_batch(vae, img_B3HW, grids, flip_B, gen)
-        drop_B = (torch.rand(len(captions), generator=gen) < cond_drop).to(args.device)
-        text = drop_text(tf, enc.encode(captions).to(args.device), drop_B)
-        logits_BLV = tf.forward_train(text, x_BLd, grids, rope)
-        loss, acc_BL = bitwise_loss(logits_BLV, labels_BLD, sizes if per_scale_loss else None)
-        vals = {"loss": loss.item()}
-        vals.update({f"acc{si}": float(a.mean()) for si, a in enumerate(acc_BL.split(sizes, dim=1))})
-        vals["grad_norm"] = optimizer_step(tf, opt, loss, step, args)
-        log.record(step, **vals)
-        args = budget.fit(step, args, log)
-        if args.save_every and step and step % args.save_every == 0:
-            save_run(tf, args.out, "transformer", cfg, args, log)
-    batches.close()
+    stream = BackgroundBatches(batches) if replay > 0 else None
+    buffer: ReplayBuffer | None = None
+    replay_gen = torch.Generator().manual_seed(args.seed + 2)
+    autocast = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if amp == "bf16" else contextlib.nullcontext
+    try:
+        for step in itertools.count():
+            if step >= min(args.steps, stop_after or args.steps):  # --stop-after, or a fitted time budget
+                break
+            if stream is None:
+                item = next(batches, None)
+                if item is None:
+                    break
+                img_B3HW, captions = item
+                z_BDhw = vae.encode(img_B3HW.to(dev, non_blocking=True))
+            else:
+                fresh = []
+                for img_B3HW, caps in stream.ready(block=buffer is None):
+                    z = vae.encode(img_B3HW.to(dev, non_blocking=True))
+                    buffer = buffer or ReplayBuffer(replay, tuple(z.shape[1:]), dev)
+                    fresh.append(buffer.add(z, caps))
+                if buffer is None:
+                    break  # the stream ended before its first batch
+                z_BDhw, captions = buffer.take(buffer.batch(args.batch_size, torch.cat(fresh) if fresh else None,
+                                                            replay_gen))
+            n = len(captions)
+            flip_B = torch.rand(n, generator=gen, device=gen.device) * flip_max if flip_max > 0 else None
+            x_BLd, labels_BLD = teacher_forcing_from_latent(vae, z_BDhw, grids, flip_B, gen)
+            drop_B = (torch.rand(n, generator=gen, device=gen.device) < cond_drop).to(dev)
+            text = drop_text(tf, enc.encode(captions).to(dev), drop_B)
+            with autocast():
+                logits_BLV = tf.forward_train(text, x_BLd, grids, rope)
+                loss, acc_BL = bitwise_loss(logits_BLV, labels_BLD, sizes if per_scale_loss else None)
+            acc_S = torch.stack([a.mean() for a in acc_BL.split(sizes, dim=1)])
+            norm = optimizer_step(tf, opt, loss, step, args, sync=False)
+            row = torch.cat([loss.detach().float().view(1), acc_S.float(), norm.float().view(1)]).tolist()  # one sync
+            vals = {"loss": row[0], **{f"acc{si}": a for si, a in enumerate(row[1:-1])}, "grad_norm": row[-1]}
+            check_finite(vals, step)
+            log.record(step, **vals)
+            args = budget.fit(step, args, log)
+            if args.save_every and step and step % args.save_every == 0:
+                save_run(tf, args.out, "transformer", cfg, args, log)
+    finally:
+        if stream is not None:
+            stream.close()
+        batches.close()
+    if buffer is not None:
+        args = replace(args, extra={**args.extra, "replay_images_rendered": buffer.added,
+                                    "replay_images_trained": len(log.history) * args.batch_size})
+        log.args = args
+        logger.info("replay: %d images rendered, %d rows trained", buffer.added, len(log.history) * args.batch_size)
     tf.eval()
     save_run(tf, args.out, "transformer", cfg, args, log)
     return tf

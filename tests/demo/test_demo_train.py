@@ -137,3 +137,73 @@ def test_transformer_step_with_self_correction(vae_dir: Path, tmp_path: Path) ->
     meta = json.loads((tmp_path / "transformer.json").read_text())
     assert meta["args"]["extra"]["flip_max"] == 0.3
     _finite_history(tmp_path / "transformer.json")
+
+
+def test_replay_buffer_ring_and_batches() -> None:
+    """Fresh rows come first in a batch, the rest are drawn from what is stored; a full ring
+    overwrites its oldest rows (and their captions)."""
+    from demo.train_common import ReplayBuffer
+
+    buf = ReplayBuffer(5, (2,), "cpu")
+    first = buf.add(torch.tensor([[0.0, 0.0], [1.0, 1.0], [2.0, 2.0]]), ["a", "b", "c"])
+    assert first.tolist() == [0, 1, 2] and buf.size == 3
+    slots = buf.batch(6, first[1:], torch.Generator().manual_seed(0))
+    assert slots[:2].tolist() == [1, 2] and len(slots) == 6 and int(slots.max()) < 3
+    rows, caps = buf.take(slots)
+    assert caps == [["a", "b", "c"][i] for i in slots.tolist()] and torch.equal(rows[:, 0], slots.float())
+    again = buf.add(torch.tensor([[3.0, 3.0], [4.0, 4.0], [5.0, 5.0]]), ["d", "e", "f"])
+    assert again.tolist() == [3, 4, 0] and buf.size == 5 and buf.added == 6
+    rows, caps = buf.take(torch.tensor([0, 4]))
+    assert caps == ["f", "e"] and rows[:, 1].tolist() == [5.0, 4.0]
+    assert len(buf.batch(2, torch.arange(5), None)) == 2  # more fresh rows than the batch: the first ones
+    with pytest.raises(ValueError, match="capacity"):
+        ReplayBuffer(0, (2,), "cpu")
+
+
+def test_background_batches_hand_over_everything_in_order() -> None:
+    """The thread-fed stream gives every batch once, in order, and an empty list at its end;
+    an error while rendering reaches the training loop."""
+    from demo.train_common import BackgroundBatches
+
+    stream = BackgroundBatches(iter([(torch.full((1,), float(i)), [str(i)]) for i in range(5)]), depth=2)
+    got = []
+    while batch := stream.ready(block=True):
+        got.extend(batch)
+    assert [c for _, c in got] == [["0"], ["1"], ["2"], ["3"], ["4"]] and stream.ready(block=True) == []
+    stream.close()
+
+    def broken():
+        yield torch.zeros(1), ["ok"]
+        raise RuntimeError("renderer died")
+
+    stream = BackgroundBatches(broken())
+    with pytest.raises(RuntimeError, match="renderer died"):
+        while stream.ready(block=True):
+            pass
+    stream.close()
+
+
+def test_transformer_steps_from_the_replay_buffer(vae_dir: Path, tmp_path: Path) -> None:
+    """--replay trains on buffered latents (the teacher-forcing inputs come from the same encoder):
+    the run finishes its steps, and its log says how many images were rendered and trained. Here
+    with the GPU recipe's bf16 autocast too."""
+    args = TrainArgs(out=tmp_path, steps=3, batch_size=2, lr=1e-3)
+    train_transformer(args, vae_dir / "vae.safetensors", cfg=TINY_TF, vae_cfg=TINY_VAE, flip_max=0.2,
+                      replay=16, amp="bf16", text_encoder_dir=tmp_path / "text_encoder")
+    meta = json.loads((tmp_path / "transformer.json").read_text())
+    _finite_history(tmp_path / "transformer.json")
+    assert meta["args"]["extra"]["replay"] == 16 and meta["args"]["extra"]["amp"] == "bf16"
+    assert 2 <= meta["args"]["extra"]["replay_images_rendered"] <= 6
+    assert meta["args"]["extra"]["replay_images_trained"] == 6
+
+
+def test_teacher_forcing_from_latents_matches_from_images(vae_dir: Path) -> None:
+    from demo.dataset import batch_tensors, make_split
+    from demo.train_transformer import load_frozen_vae, teacher_forcing_batch, teacher_forcing_from_latent
+
+    vae = load_frozen_vae(vae_dir / "vae.safetensors", TINY_VAE)
+    img, _ = batch_tensors(make_split(2, 0))
+    grids = [(1, 1), (2, 2), (4, 4), (8, 8), (16, 16)]
+    a = teacher_forcing_batch(vae, img, grids)
+    b = teacher_forcing_from_latent(vae, vae.encode(img), grids)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
