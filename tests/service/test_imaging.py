@@ -1,0 +1,90 @@
+"""PNG output: incompressible images go stored (unfiltered, deflate level 0), the rest through Pillow."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+from pydantic import ValidationError
+
+from service.imaging import PngParams, encode, stored_png
+from service.settings import ServiceSettings
+
+
+def noise(h: int, w: int) -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def shapes() -> np.ndarray:
+    im = Image.new("RGB", (128, 96), (240, 240, 230))
+    draw = ImageDraw.Draw(im)
+    draw.ellipse((10, 10, 70, 60), fill=(200, 30, 30))
+    draw.rectangle((50, 40, 120, 90), fill=(30, 90, 200))
+    return np.asarray(im)
+
+
+def photo() -> np.ndarray:
+    """Smooth gradients plus mild noise: its raw bytes barely shrink in zlib, PNG's filters halve them."""
+    y, x = np.mgrid[0:256, 0:256] / 256
+    rgb = np.stack([128 + 100 * np.sin(3 * x + 2 * y), 128 + 90 * np.cos(4 * y - x), 128 + 80 * np.sin(5 * x * y)], -1)
+    return np.clip(rgb + np.random.default_rng(1).normal(0, 3, rgb.shape), 0, 255).astype(np.uint8)
+
+
+def decode(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def idat(data: bytes) -> bytes:
+    """The decompressed image stream (zlib checks its adler32), after checking every chunk's CRC."""
+    pos, out = 8, b""
+    while pos < len(data):
+        (n,) = struct.unpack(">I", data[pos:pos + 4])
+        kind, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + n]
+        assert struct.unpack(">I", data[pos + 8 + n:pos + 12 + n])[0] == zlib.crc32(kind + body)
+        out += body if kind == b"IDAT" else b""
+        pos += 12 + n
+    return zlib.decompress(out)
+
+
+@pytest.mark.parametrize("name", ["noise", "shapes", "photo", "photo strip"])
+def test_png_is_lossless_and_stored_only_when_incompressible(name: str) -> None:
+    """The 8-row photo strip is all sample: the sample's own encoding is returned."""
+    images = {"noise": lambda: noise(256, 256), "shapes": shapes, "photo": photo, "photo strip": lambda: photo()[:8]}
+    rgb = images[name]()
+    h, w, _ = rgb.shape
+    data = encode(rgb.tobytes(), w, h, "png")
+    assert np.array_equal(decode(data), rgb)
+    if name == "noise":
+        assert data == stored_png(rgb.tobytes(), w, h) and len(data) < rgb.size + 400
+    else:  # Pillow's filtered encoding; the photo's raw rows alone would not shrink below 0.9
+        assert len(data) < rgb.size * (0.05 if name == "shapes" else 0.7)
+        assert set(idat(data)[::w * 3 + 1]) != {0}
+
+
+def test_stored_ratio_zero_always_runs_pillow() -> None:
+    rgb = noise(64, 80)
+    data = encode(rgb.tobytes(), 80, 64, "png", png=PngParams(1, "rle", 0))
+    assert np.array_equal(decode(data), rgb) and data != stored_png(rgb.tobytes(), 80, 64)
+    assert set(idat(data)[::80 * 3 + 1]) != {0}  # Pillow filtered the rows
+
+
+@pytest.mark.parametrize(("h", "w"), [(1, 1), (7, 5), (300, 257), (2, 21845)])
+def test_stored_png_framing(h: int, w: int) -> None:
+    """Several stored blocks (> 64 KiB), a block boundary inside a row, and rows of 64 KiB."""
+    rgb = noise(h, w)
+    data = stored_png(rgb.tobytes(), w, h)
+    rows = idat(data)
+    assert rows == b"".join(b"\0" + rgb[y].tobytes() for y in range(h))
+    assert np.array_equal(decode(data), rgb)
+
+
+def test_png_stored_ratio_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert ServiceSettings().png == PngParams(1, "rle", 0.9)
+    monkeypatch.setenv("LDSERVE_PNG_STORED_RATIO", "0")
+    assert ServiceSettings().png.stored_ratio == 0
+    with pytest.raises(ValidationError):
+        ServiceSettings(png_stored_ratio=1.5)
