@@ -86,7 +86,7 @@ EOF
 fi
 stage "transformer on $VAE"
 cp "$VAE" "$WORK/tf/vae.safetensors"
-run $(( ${TF_S:-200} + 60 )) $PY -m demo.train transformer --device "$DEV" --workers "$WORKERS" \
+run $(( ${TF_S:-200} + 100 )) $PY -m demo.train transformer --device "$DEV" --workers "$WORKERS" \
     --minutes "$(awk "BEGIN{print ${TF_S:-200}/60}")" --steps 100000 --batch-size "${TF_BATCH:-64}" --lr "${TF_LR:-5e-4}" \
     --per-scale-loss --flip-max "${FLIP_MAX:-0}" --init-transformer "$INIT_TF" --vae "$WORK/tf/vae.safetensors" \
     --data-seed "${TF_SEED:-3}" --replay "${TF_REPLAY:-0}" ${TF_AMP:+--amp "$TF_AMP"} --out "$WORK/tf" \
