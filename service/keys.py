@@ -64,6 +64,15 @@ end
 return st
 """
 
+# KEYS: job ; ARGV: n, file_0 .. file_{n-1} -> 1 stored, 0 already stored, -1 no such job (expired:
+# HSET alone would recreate the key without its TTL)
+STORE_FILES = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+if redis.call('HEXISTS', KEYS[1], 'file0') == 1 then return 0 end
+for i = 1, tonumber(ARGV[1]) do redis.call('HSET', KEYS[1], 'file' .. (i - 1), ARGV[i + 1]) end
+return 1
+"""
+
 # KEYS: job ; ARGV: consumer -> {status, now, deadline_ms} ; queued/processing -> processing unless expired
 START = _NOW + """
 local st = redis.call('HGET', KEYS[1], 'status')

@@ -1,7 +1,8 @@
 """API side of the job queue: admission (bounded, idempotent), job reads, cancel, and waiting.
 
 Redis layout (see keys.py): stream ``{p}:jobs`` with consumer group ``workers``; job hash
-``{p}:job:{id}`` (status, timestamps, spec, result, raw images) with a TTL; ``{p}:idem:{sha}``
+``{p}:job:{id}`` (status, timestamps, spec, result, raw images, and the encoded files once an
+async read made them) with a TTL; ``{p}:idem:{sha}``
 for Idempotency-Key; completion events on the ``{p}:events`` pub/sub channel (a wake-up hint
 only: the job hash is the truth). Acked entries are XDELed, so XLEN = waiting + pending.
 """
@@ -20,7 +21,7 @@ from typing import Any
 import redis.asyncio as aredis
 from redis.exceptions import ResponseError
 
-from .keys import ENQUEUE, TERMINATE, Keys
+from .keys import ENQUEUE, STORE_FILES, TERMINATE, Keys
 from .spec import TERMINAL, JobSpec
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,8 @@ class Job:
     error: dict[str, Any] | None = None
     result: dict[str, Any] | None = None
     images: list[bytes] = field(default_factory=list)
+    files: list[bytes] = field(default_factory=list)
+    """The images encoded in the spec's output format, once stored by ``JobQueue.store_files``."""
 
     @property
     def terminal(self) -> bool:
@@ -68,9 +71,11 @@ def parse_job(job_id: str, h: dict[bytes, bytes]) -> Job:
     err = h.get(b"error")
     res = h.get(b"result")
     images = [h[f"img{i}".encode()] for i in range(spec.n) if f"img{i}".encode() in h]
+    files = [h[f"file{i}".encode()] for i in range(len(images)) if f"file{i}".encode() in h]
     return Job(id=job_id, status=h[b"status"].decode(), spec=spec, created_ms=int(h[b"created_ms"]),
                started_ms=_i(h.get(b"started_ms")), completed_ms=_i(h.get(b"completed_ms")),
-               error=json.loads(err) if err else None, result=json.loads(res) if res else None, images=images)
+               error=json.loads(err) if err else None, result=json.loads(res) if res else None, images=images,
+               files=files if len(files) == len(images) else [])
 
 
 async def ensure_group(client: aredis.Redis, keys: Keys) -> None:
@@ -91,6 +96,7 @@ class JobQueue:
         self.job_ttl_s = job_ttl_s
         self._enqueue = client.register_script(ENQUEUE)
         self._terminate = client.register_script(TERMINATE)
+        self._store_files = client.register_script(STORE_FILES)
 
     async def enqueue(self, spec: JobSpec, *, timeout_s: float | None, idempotency_key: str | None) -> tuple[str, bool]:
         """Returns (job_id, created). Raises QueueFull or IdempotencyMismatch."""
@@ -119,6 +125,12 @@ class JobQueue:
     async def get(self, job_id: str) -> Job | None:
         h = await self.client.hgetall(self.keys.job(job_id))
         return parse_job(job_id, h) if h else None
+
+    async def store_files(self, job_id: str, files: list[bytes]) -> int:
+        """Keep a finished job's encoded images beside its raw ones, so later reads of the job
+        neither encode again nor count its images again: 1 stored, 0 another read stored them first,
+        -1 the job expired."""
+        return int(await self._store_files(keys=[self.keys.job(job_id)], args=[len(files), *files]))
 
     async def terminate(self, job_id: str, status: str, error: dict[str, Any] | None = None) -> str | None:
         """Move a live job to canceled/expired; returns the previous status (None if unknown)."""

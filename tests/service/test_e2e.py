@@ -90,7 +90,12 @@ def test_openai_route(serve: Proc) -> None:
     assert r.status_code == 400 and r.json()["error"]["param"] == "response_format"
 
 
+def images_generated(serve: Proc) -> float:
+    return metric(httpx.get(f"{serve.url}/metrics", headers=AUTH).text, "ldserve_images_generated_total")
+
+
 def test_async_lifecycle(serve: Proc) -> None:
+    before = images_generated(serve)
     r = post(serve, "/generate", {"prompt": "a house", "seed": 1}, {"Prefer": "respond-async"})
     assert r.status_code == 202 and r.headers["location"] == f"/v1/jobs/{r.json()['id']}"
     job = r.json()
@@ -104,6 +109,10 @@ def test_async_lifecycle(serve: Proc) -> None:
     assert job["status"] == "succeeded", job
     assert decode(job["output"][0]["b64_json"]).size == (256, 256)
     assert job["started_at"] >= job["created_at"] and job["completed_at"] >= job["started_at"]
+    # later reads return the files the first one encoded and stored, and count the image once
+    again = [httpx.get(f"{serve.url}/v1/jobs/{job['id']}", headers=AUTH).json() for _ in range(2)]
+    assert [a["output"] for a in again] == [job["output"]] * 2
+    assert images_generated(serve) == before + 1
     r = httpx.post(f"{serve.url}/v1/jobs/{job['id']}/cancel", headers=AUTH)
     assert r.status_code == 409 and r.json()["error"]["code"] == "job_already_terminal"
 
