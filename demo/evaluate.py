@@ -57,8 +57,11 @@ def vae_report(vae: BSQVAE, n: int = 64, batch: int = 16, device: str = "cpu") -
 
 
 def model_report(weights_dir: str | Path, n: int = 64, batch: int = 8, device: str = "cpu",
-                 split: str = "heldout") -> dict[str, float]:
-    """Unpruned adherence of the full demo model on ``n`` captions of ``split`` (held-out by default)."""
+                 split: str = "heldout", cfg: float | None = None, tau: float | None = None,
+                 start: int = 0) -> dict[str, float]:
+    """Unpruned adherence of the full demo model on ``n`` captions of ``split`` (held-out by default),
+    at the preset's sampling defaults unless ``cfg``/``tau`` are given; captions ``start .. start+n-1``
+    with seed = caption index."""
     from model_loader.sampling import SamplingParams
     from pruning.engine import ImageRequest, grids_for
 
@@ -66,14 +69,17 @@ def model_report(weights_dir: str | Path, n: int = 64, batch: int = 8, device: s
 
     engine = load_demo_engine(weights_dir, device=device)
     d = DEMO_PRESET.sampling
-    samples = make_split(n, EVAL_SEED, split)
+    cfg, tau = (d.cfg if cfg is None else cfg), (d.tau if tau is None else tau)
+    samples = make_split(n, EVAL_SEED, split, start=start)
     grids = grids_for(1.0, DEMO_PRESET.pn)
     images = []
     for i in range(0, n, batch):
-        reqs = [ImageRequest(s.caption, SamplingParams(cfg=d.cfg, tau=d.tau, top_k=d.top_k, top_p=d.top_p, seed=i + j))
+        reqs = [ImageRequest(s.caption, SamplingParams(cfg=cfg, tau=tau, top_k=d.top_k, top_p=d.top_p,
+                                                       seed=start + i + j))
                 for j, s in enumerate(samples[i:i + batch])]
         images += [r.image_HW3.cpu().numpy() for r in engine.generate(reqs, grids)]
-    return {"images": n, "split": split, **mean_scores(images, [s.attributes for s in samples])}
+    return {"images": n, "start": start, "split": split, "cfg": cfg, "tau": tau,
+            **mean_scores(images, [s.attributes for s in samples])}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -84,9 +90,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n", type=int, default=64)
     p.add_argument("--device", default="cpu")
     p.add_argument("--split", choices=("heldout", "train"), default="heldout", help="model: which captions")
+    p.add_argument("--start", type=int, default=0, help="model: first caption index")
+    p.add_argument("--cfg", type=float, help="model: guidance scale (default: the preset's)")
+    p.add_argument("--tau", type=float, help="model: sampling temperature (default: the preset's)")
     a = p.parse_args(argv)
     report = (vae_report(load_vae(a.path), a.n, device=a.device) if a.what == "vae"
-              else model_report(a.path, a.n, device=a.device, split=a.split))
+              else model_report(a.path, a.n, device=a.device, split=a.split, cfg=a.cfg, tau=a.tau, start=a.start))
     print(json.dumps(report))
 
 

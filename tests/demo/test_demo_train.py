@@ -207,3 +207,15 @@ def test_teacher_forcing_from_latents_matches_from_images(vae_dir: Path) -> None
     a = teacher_forcing_batch(vae, img, grids)
     b = teacher_forcing_from_latent(vae, vae.encode(img), grids)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_model_report_captions_from_start_with_their_own_seeds() -> None:
+    """``--start k`` scores caption k with seed k: the same image the report from 0 drew for it
+    (the mean adherence of two one-image reports is the two-image report's)."""
+    from demo.evaluate import model_report
+    from demo.model import WEIGHTS_DIR
+
+    both = model_report(WEIGHTS_DIR, n=2, batch=1)
+    first, second = (model_report(WEIGHTS_DIR, n=1, batch=1, start=k) for k in (0, 1))
+    assert second["start"] == 1 and both["cfg"] == first["cfg"]
+    assert both["adherence"] == pytest.approx((first["adherence"] + second["adherence"]) / 2)
