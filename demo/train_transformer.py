@@ -223,7 +223,7 @@ def train_transformer(args: TrainArgs, vae_path: str | Path, *, cfg: Transformer
     autocast = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if amp == "bf16" else contextlib.nullcontext
     try:
         for step in itertools.count():
-            if step >= min(args.steps, stop_after or args.steps):  # --stop-after, or a fitted time budget
+            if step >= min(args.steps, stop_after or args.steps) or budget.over(step):  # --stop-after, budget
                 break
             if stream is None:
                 item = next(batches, None)

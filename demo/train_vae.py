@@ -114,7 +114,7 @@ def train_vae(args: TrainArgs, cfg: VAEConfig = DEMO_PRESET.vae, *, crop: int = 
     budget = TimeBudget(args.minutes)
     batches = train_batches(args.steps, args.batch_size, args.data_seed, args.workers)
     for step, (img_B3HW, _) in enumerate(batches):
-        if step >= args.steps:  # a time budget may have shortened the run
+        if step >= args.steps or budget.over(step):  # a time budget may have shortened the run
             break
         img_B3HW = img_B3HW.to(args.device, non_blocking=True)
         loss, vals = vae_loss(vae, random_crop(img_B3HW, crop, gen), grids, beta, shape_weight)

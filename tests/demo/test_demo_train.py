@@ -219,3 +219,23 @@ def test_model_report_captions_from_start_with_their_own_seeds() -> None:
     first, second = (model_report(WEIGHTS_DIR, n=1, batch=1, start=k) for k in (0, 1))
     assert second["start"] == 1 and both["cfg"] == first["cfg"]
     assert both["adherence"] == pytest.approx((first["adherence"] + second["adherence"]) / 2)
+
+
+def test_time_budget_stops_a_run_whose_steps_slowed_down() -> None:
+    """The fit assumes the probe's pace; steps that slow down afterwards run past the budget, so
+    ``over`` ends the run (to be saved) once the budget and its grace are spent, never during the probe."""
+    from demo.train_common import RunLog, TimeBudget
+
+    now = [0.0]
+    budget = TimeBudget(1.0, probe=4, grace=0.05, clock=lambda: now[0])  # 60 s
+    args = TrainArgs(out=Path("."), steps=1000, batch_size=1, lr=1e-3)
+    log = RunLog(args)
+    log.step_times = [1.0] * 4
+    now[0] = 4.0
+    args = budget.fit(3, args, log)
+    assert args.steps == 4 + 56  # 56 s left at 1 s a step
+    now[0] = 62.0  # steps slowed down: 40 steps took 58 s
+    assert not budget.over(40)  # within 5 % of 60 s
+    now[0] = 63.5
+    assert budget.over(41)
+    assert not budget.over(3) and not TimeBudget(None).over(10_000)
