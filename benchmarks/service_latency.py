@@ -141,6 +141,9 @@ def main() -> None:
             print(f"added latency (e2e - server inference time): p50 {pct(added, .5) * 1000:.1f} ms  "
                   f"p99 {pct(added, .99) * 1000:.1f} ms  mean {statistics.mean(added) * 1000:.1f} ms")
             print(f"added latency (e2e p50 - direct p50): {(pct(e2e, .5) - pct(d, .5)) * 1000:.1f} ms")
+            transport = [a * 1e3 - p.get("encode", 0.0) for a, p in zip(added, phases, strict=True)]
+            print(f"added latency without image encoding (a direct call returns pixels, not files): "
+                  f"p50 {pct(transport, .5):.1f} ms  p99 {pct(transport, .99):.1f} ms")
             names = ("http", "enqueue", "notify", "worker", "encode")
             print("added latency by phase, p50 ms (Server-Timing; http = e2e - handler time, notify = wait - "
                   "inference - worker): " + ", ".join(f"{k} {pct([p.get(k, 0.0) for p in phases], .5):.2f}"
