@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import struct
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 from PIL import Image
@@ -13,6 +15,10 @@ from PIL import Image
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 DEFAULT_QUALITY = 90
 ZLIB_STRATEGIES = {"default": zlib.Z_DEFAULT_STRATEGY, "rle": zlib.Z_RLE, "huffman": zlib.Z_HUFFMAN_ONLY}
+# A response's images are encoded side by side from this size on: Pillow's PNG, JPEG and WebP
+# encoders release the GIL (4 x 1024 px PNG 382 -> 238 ms, WebP 663 -> 355 ms on 2 cores).
+PARALLEL_MIN_PIXELS = 256 * 256
+_POOL = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="ldserve-encode")
 PNG_SAMPLE_BYTES = 6144  # rows sampled to judge compressibility: their ratio came within 0.02 of the image's
 
 
@@ -46,6 +52,15 @@ def encode(rgb: bytes, width: int, height: int, fmt: str, quality: int | None = 
     q = DEFAULT_QUALITY if quality is None else max(1, min(100, quality))
     Image.frombytes("RGB", (width, height), rgb).save(buf, format=fmt.upper(), quality=q)
     return buf.getvalue()
+
+
+def encode_all(raws: list[bytes], width: int, height: int, fmt: str, quality: int | None = None,
+                png: PngParams = DEFAULT_PNG) -> list[bytes]:
+    """``encode`` for each image of a response, in order; several large ones on the shared pool
+    (at most 4 threads in all, whatever the number of concurrent requests)."""
+    if len(raws) < 2 or width * height < PARALLEL_MIN_PIXELS:
+        return [encode(raw, width, height, fmt, quality, png) for raw in raws]
+    return list(_POOL.map(lambda raw: encode(raw, width, height, fmt, quality, png), raws))
 
 
 def _pillow_png(rgb: bytes, width: int, height: int, png: PngParams) -> bytes:

@@ -8,7 +8,7 @@ from typing import Any
 from model_loader.configs import PRESETS as MODEL_PRESETS
 from pruning.config import pruning_config
 
-from ..imaging import DEFAULT_PNG, PngParams, b64, encode
+from ..imaging import DEFAULT_PNG, PngParams, b64, encode_all
 from ..queue import Job
 from ..settings import ServiceSettings
 from ..sizing import ModelSizes, SizeError, parse_openai_size, resolve_size
@@ -105,7 +105,7 @@ def spec_from_openai(req: OpenAIImageRequest, s: ServiceSettings) -> JobSpec:
 
 def encoded_images(job: Job, png: PngParams = DEFAULT_PNG) -> list[bytes]:
     sp = job.spec
-    return [encode(raw, sp.width, sp.height, sp.output_format, sp.quality, png) for raw in job.images]
+    return encode_all(job.images, sp.width, sp.height, sp.output_format, sp.quality, png)
 
 
 def image_items(job: Job, encoded: list[bytes]) -> list[dict[str, Any]]:

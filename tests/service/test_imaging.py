@@ -88,3 +88,19 @@ def test_png_stored_ratio_setting(monkeypatch: pytest.MonkeyPatch) -> None:
     assert ServiceSettings().png.stored_ratio == 0
     with pytest.raises(ValidationError):
         ServiceSettings(png_stored_ratio=1.5)
+
+
+@pytest.mark.parametrize("fmt", ["png", "webp"])
+def test_encode_all_keeps_each_image_in_its_place(fmt: str) -> None:
+    """Large images go through the thread pool: every file is its own image's, in order (webp: lossy,
+    so each decodes nearest to its own source)."""
+    from service.imaging import PARALLEL_MIN_PIXELS, encode_all
+
+    h = w = 256
+    assert h * w >= PARALLEL_MIN_PIXELS
+    images = [np.roll(photo(), 40 * k, axis=1) for k in range(4)]
+    files = encode_all([im.tobytes() for im in images], w, h, fmt)
+    assert files == [encode(im.tobytes(), w, h, fmt) for im in images]
+    for k, data in enumerate(files):
+        err = [np.abs(decode(data).astype(int) - im.astype(int)).mean() for im in images]
+        assert int(np.argmin(err)) == k and (fmt != "png" or err[k] == 0)
