@@ -132,6 +132,9 @@ class JobQueue:
         -1 the job expired."""
         return int(await self._store_files(keys=[self.keys.job(job_id)], args=[len(files), *files]))
 
+    async def expire(self, job_id: str, seconds: int) -> None:
+        await self.client.expire(self.keys.job(job_id), seconds)
+
     async def terminate(self, job_id: str, status: str, error: dict[str, Any] | None = None) -> str | None:
         """Move a live job to canceled/expired; returns the previous status (None if unknown)."""
         prev = await self._terminate(keys=[self.keys.job(job_id), self.keys.stream],

@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
 
-from fastapi import APIRouter, Depends, Header, Request, Response
+from fastapi import APIRouter, BackgroundTasks, Depends, Header, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -169,6 +169,14 @@ def _count_images(metrics: MetricsDep, fmt: str, n: int) -> None:
     metrics.images_generated.labels(output_format=fmt).inc(n)
 
 
+def _delivered(job: Job, idem: str | None, settings: SettingsDep, queue: JobQueue,
+               background: BackgroundTasks) -> None:
+    """After a synchronous response without Idempotency-Key, the job's record (raw images included)
+    lives ``delivered_ttl_s`` more instead of ``job_ttl_s`` (set once the response is sent)."""
+    if idem is None and settings.delivered_ttl_s > 0:
+        background.add_task(queue.expire, job.id, min(settings.delivered_ttl_s, settings.job_ttl_s))
+
+
 async def _job_files(job: Job, png: PngParams, queue: JobQueue, metrics: MetricsDep) -> list[bytes]:
     """A succeeded job's files for a job read: encoded by the first read and kept in the job hash
     (clients poll; a 1024 px PNG is ~85 ms of CPU), counted once in ``images_generated``."""
@@ -183,8 +191,8 @@ async def _job_files(job: Job, png: PngParams, queue: JobQueue, metrics: Metrics
 @protected.post("/generate", response_model=GenerateResponse, status_code=200, tags=["generate"],
                 responses={202: {"model": JobModel}, 200: {"content": {m: {} for m in MEDIA_TYPES.values()}}})
 async def generate(body: GenerateRequest, settings: SettingsDep, queue: QueueDep, notifier: NotifierDep,
-                   metrics: MetricsDep, response: Response, prefer: PreferH = None, idem: IdemH = None,
-                   cancel_after: CancelAfterH = None, accept: AcceptH = None) -> Any:
+                   metrics: MetricsDep, response: Response, background: BackgroundTasks, prefer: PreferH = None,
+                   idem: IdemH = None, cancel_after: CancelAfterH = None, accept: AcceptH = None) -> Any:
     """Generate images; synchronous by default (waits up to the server deadline)."""
     timing = Timing()
     spec = convert.spec_from_generate(body, settings)
@@ -197,6 +205,7 @@ async def generate(body: GenerateRequest, settings: SettingsDep, queue: QueueDep
     if "respond-async" in (prefer or "").lower():
         return await _async_response(job, job_id, settings.png, queue, metrics)
     job = _raise_for(job, job_id)
+    _delivered(job, idem, settings, queue, background)
     t = time.perf_counter()
     if raw_fmt:
         data = await _run_encode(spec.width * spec.height, encode, job.images[0], spec.width, spec.height, raw_fmt,
@@ -216,8 +225,9 @@ async def generate(body: GenerateRequest, settings: SettingsDep, queue: QueueDep
 @protected.post("/v1/images/generations", response_model=OpenAIImagesResponse, tags=["openai"],
                 responses={202: {"model": JobModel}})
 async def images_generations(body: OpenAIImageRequest, settings: SettingsDep, queue: QueueDep,
-                             notifier: NotifierDep, metrics: MetricsDep, response: Response, prefer: PreferH = None,
-                             idem: IdemH = None, cancel_after: CancelAfterH = None) -> Any:
+                             notifier: NotifierDep, metrics: MetricsDep, response: Response,
+                             background: BackgroundTasks, prefer: PreferH = None, idem: IdemH = None,
+                             cancel_after: CancelAfterH = None) -> Any:
     """OpenAI-compatible image generation (extensions: seed, negative_prompt, guidance_scale, pruning)."""
     timing = Timing()
     spec = convert.spec_from_openai(body, settings)
@@ -226,6 +236,7 @@ async def images_generations(body: OpenAIImageRequest, settings: SettingsDep, qu
     if "respond-async" in (prefer or "").lower():
         return await _async_response(job, job_id, settings.png, queue, metrics)
     job = _raise_for(job, job_id)
+    _delivered(job, idem, settings, queue, background)
     t = time.perf_counter()
     encoded = await _encode_images(job, settings.png)
     timing.add("encode", t)

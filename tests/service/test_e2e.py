@@ -235,3 +235,24 @@ def test_metrics_appear_and_move(serve: Proc) -> None:
     assert 'ldserve_model_info{device="cpu",dtype="float32",model="tiny-2b"' in after
     assert 'ldserve_kept_fraction_bucket{le="0.05",scale="6"}' in after
     assert metric(after, "ldserve_requests_in_flight") == 0
+
+
+def test_delivered_sync_jobs_keep_their_images_briefly(serve: Proc, rclient: redis.Redis) -> None:
+    """A synchronous response without Idempotency-Key has delivered the images: the job record (raw
+    RGB included) then expires after delivered_ttl_s (120 s) instead of job_ttl_s (3600 s); with the
+    key, or async, a client may come back for it, so it keeps the full TTL."""
+    prefix = serve.env["LDSERVE_KEY_PREFIX"]
+    plain = post(serve, "/generate", {"prompt": "ttl", "seed": 5}).json()["id"]
+    raw = post(serve, "/generate", {"prompt": "ttl", "seed": 6}, {"Accept": "image/png"}).headers["x-job-id"]
+    openai = post(serve, "/v1/images/generations", {"prompt": "ttl"}).json()["metrics"]["id"]
+    kept = post(serve, "/generate", {"prompt": "ttl", "seed": 7}, {"Idempotency-Key": "ttl-1"}).json()["id"]
+    queued = post(serve, "/generate", {"prompt": "ttl", "seed": 8}, {"Prefer": "respond-async"}).json()["id"]
+    deadline = time.monotonic() + 10  # the expiry is set once each response has gone out
+    ttl = {}
+    while time.monotonic() < deadline:
+        ttl = {j: rclient.ttl(f"{prefix}:job:{j}") for j in (plain, raw, openai, kept, queued)}
+        if all(0 < ttl[j] <= 120 for j in (plain, raw, openai)):
+            break
+        time.sleep(0.05)
+    assert all(0 < ttl[j] <= 120 for j in (plain, raw, openai)), ttl
+    assert ttl[kept] > 3000 and ttl[queued] > 3000, ttl
