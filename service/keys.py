@@ -73,6 +73,14 @@ for i = 1, tonumber(ARGV[1]) do redis.call('HSET', KEYS[1], 'file' .. (i - 1), A
 return 1
 """
 
+# KEYS: job ; ARGV: n -> 1 img0..img{n-1} dropped and the record marked, 0 no such job
+DROP_IMAGES = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+for i = 1, tonumber(ARGV[1]) do redis.call('HDEL', KEYS[1], 'img' .. (i - 1)) end
+redis.call('HSET', KEYS[1], 'images_dropped', '1')
+return 1
+"""
+
 # KEYS: job ; ARGV: consumer -> {status, now, deadline_ms} ; queued/processing -> processing unless expired
 START = _NOW + """
 local st = redis.call('HGET', KEYS[1], 'status')

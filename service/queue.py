@@ -21,7 +21,7 @@ from typing import Any
 import redis.asyncio as aredis
 from redis.exceptions import ResponseError
 
-from .keys import ENQUEUE, STORE_FILES, TERMINATE, Keys
+from .keys import DROP_IMAGES, ENQUEUE, STORE_FILES, TERMINATE, Keys
 from .spec import TERMINAL, JobSpec
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,8 @@ class Job:
     images: list[bytes] = field(default_factory=list)
     files: list[bytes] = field(default_factory=list)
     """The images encoded in the spec's output format, once stored by ``JobQueue.store_files``."""
+    images_dropped: bool = False
+    """The synchronous response that ran this job returned its images, which were then dropped."""
 
     @property
     def terminal(self) -> bool:
@@ -75,7 +77,7 @@ def parse_job(job_id: str, h: dict[bytes, bytes]) -> Job:
     return Job(id=job_id, status=h[b"status"].decode(), spec=spec, created_ms=int(h[b"created_ms"]),
                started_ms=_i(h.get(b"started_ms")), completed_ms=_i(h.get(b"completed_ms")),
                error=json.loads(err) if err else None, result=json.loads(res) if res else None, images=images,
-               files=files if len(files) == len(images) else [])
+               files=files if len(files) == len(images) else [], images_dropped=b"images_dropped" in h)
 
 
 async def ensure_group(client: aredis.Redis, keys: Keys) -> None:
@@ -97,6 +99,7 @@ class JobQueue:
         self._enqueue = client.register_script(ENQUEUE)
         self._terminate = client.register_script(TERMINATE)
         self._store_files = client.register_script(STORE_FILES)
+        self._drop_images = client.register_script(DROP_IMAGES)
 
     async def enqueue(self, spec: JobSpec, *, timeout_s: float | None, idempotency_key: str | None) -> tuple[str, bool]:
         """Returns (job_id, created). Raises QueueFull or IdempotencyMismatch."""
@@ -132,8 +135,9 @@ class JobQueue:
         -1 the job expired."""
         return int(await self._store_files(keys=[self.keys.job(job_id)], args=[len(files), *files]))
 
-    async def expire(self, job_id: str, seconds: int) -> None:
-        await self.client.expire(self.keys.job(job_id), seconds)
+    async def drop_images(self, job_id: str, n: int) -> None:
+        """Forget a delivered job's images; its record (status, metrics) stays until its TTL."""
+        await self._drop_images(keys=[self.keys.job(job_id)], args=[n])
 
     async def terminate(self, job_id: str, status: str, error: dict[str, Any] | None = None) -> str | None:
         """Move a live job to canceled/expired; returns the previous status (None if unknown)."""

@@ -28,11 +28,11 @@ class ServiceSettings(BaseSettings):
     max_queue_len: int = Field(64, ge=1, le=1_000_000)
     """Jobs waiting or in progress; above it POST answers 429 with Retry-After."""
     job_ttl_s: int = Field(3600, ge=10)
-    delivered_ttl_s: int = Field(120, ge=0)
-    """Once a synchronous response (no Idempotency-Key) has delivered a job's images, its record is
-    kept this long instead of ``job_ttl_s`` (0: ``job_ttl_s``). The record holds the raw RGB: 3 MB a
-    1024 px image, so an hour of one GPU at ~3 images/s would keep ~30 GB in Redis; async jobs and
-    idempotent requests, whose clients come back for the result, keep ``job_ttl_s``."""
+    keep_delivered_images: bool = False
+    """False: once a synchronous response (no Idempotency-Key) has delivered a job's images, they are
+    dropped from its record (status and metrics stay for ``job_ttl_s``). Records hold raw RGB, 3 MB a
+    1024 px image: an hour of one GPU at ~3 images/s would keep ~30 GB in Redis. Async jobs and
+    idempotent requests, whose clients come back for the result, keep their images."""
     claim_idle_ms: int = Field(30_000, ge=100)
     """A pending entry idle this long belongs to a dead worker (live workers touch theirs every heartbeat)."""
     max_deliveries: int = Field(3, ge=1, le=100)

@@ -133,7 +133,8 @@ def job_body(job: Job, encoded: list[bytes] | None) -> dict[str, Any]:
     return {"id": job.id, "object": "job", "status": job.status, "created_at": job.created_ms / 1000,
             "started_at": ts(job.started_ms), "completed_at": ts(job.completed_ms), "width": sp.width,
             "height": sp.height, "output_format": sp.output_format, "seeds": sp.seeds, "pruning": sp.pruning_label,
-            "output": image_items(job, encoded) if encoded is not None else None, "error": job.error,
+            "output": image_items(job, encoded) if encoded is not None else None,
+            "output_delivered": job.images_dropped, "error": job.error,
             "metrics": job_metrics(job),
             "urls": {"get": f"/v1/jobs/{job.id}", "cancel": f"/v1/jobs/{job.id}/cancel"}}
 

@@ -143,7 +143,7 @@ async def _async_response(job: Job | None, job_id: str, png: PngParams, queue: J
                           metrics: MetricsDep) -> JSONResponse:
     if job is None:
         raise ApiError(404, f"job {job_id} no longer exists", code="job_not_found")
-    files = await _job_files(job, png, queue, metrics) if job.status == "succeeded" else None
+    files = await _job_files(job, png, queue, metrics) if job.status == "succeeded" and job.images else None
     return JSONResponse(convert.job_body(job, files), status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
 
 
@@ -171,10 +171,10 @@ def _count_images(metrics: MetricsDep, fmt: str, n: int) -> None:
 
 def _delivered(job: Job, idem: str | None, settings: SettingsDep, queue: JobQueue,
                background: BackgroundTasks) -> None:
-    """After a synchronous response without Idempotency-Key, the job's record (raw images included)
-    lives ``delivered_ttl_s`` more instead of ``job_ttl_s`` (set once the response is sent)."""
-    if idem is None and settings.delivered_ttl_s > 0:
-        background.add_task(queue.expire, job.id, min(settings.delivered_ttl_s, settings.job_ttl_s))
+    """Once a synchronous response without Idempotency-Key is sent, its job's raw images (3 MB per
+    1024 px image) leave Redis; the record stays. ``keep_delivered_images`` keeps them."""
+    if idem is None and not settings.keep_delivered_images:
+        background.add_task(queue.drop_images, job.id, len(job.images))
 
 
 async def _job_files(job: Job, png: PngParams, queue: JobQueue, metrics: MetricsDep) -> list[bytes]:
@@ -251,8 +251,8 @@ async def get_job(job_id: str, settings: SettingsDep, queue: QueueDep, metrics: 
     job = await queue.get(job_id) if len(job_id) <= 64 else None
     if job is None:
         raise ApiError(404, f"no job {job_id!r}", param="job_id", code="job_not_found")
-    encoded = await _job_files(job, settings.png, queue, metrics) if job.status == "succeeded" else None
-    return convert.job_body(job, encoded)
+    succeeded = job.status == "succeeded" and not job.images_dropped
+    return convert.job_body(job, await _job_files(job, settings.png, queue, metrics) if succeeded else None)
 
 
 @protected.post("/v1/jobs/{job_id}/cancel", response_model=JobModel, tags=["jobs"])

@@ -103,6 +103,8 @@ class Job(BaseModel):
     seeds: list[int]
     pruning: str
     output: list[GeneratedImage] | None = None
+    output_delivered: bool = False
+    """The synchronous response that ran this job returned its images; they are not kept (output null)."""
     error: ErrorBody | None = None
     metrics: JobMetrics
     urls: JobUrls
