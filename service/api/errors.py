@@ -7,6 +7,7 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from redis.exceptions import OutOfMemoryError, RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,22 @@ async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     return envelope(exc.status_code, str(exc.detail), code=code, headers=getattr(exc, "headers", None))
 
 
+BACKEND_RETRY_AFTER_S = 5
+
+
+async def _redis_error(request: Request, exc: RedisError) -> JSONResponse:
+    """The queue backend failed: 503 with Retry-After, not a 500. Redis out of memory (maxmemory with
+    noeviction, as the shipped manifests run it) refuses writes with an OOM reply, inside a script as
+    an error naming it (the first write fails, so the script wrote nothing); anything else
+    (connection refused or lost, timeouts, a failover) is "unavailable". Nothing was accepted."""
+    full = isinstance(exc, OutOfMemoryError) or "OOM command not allowed" in str(exc)
+    log.warning("queue backend error on %s: %s", request.url.path, exc)
+    message = ("the job queue is out of memory; retry later" if full
+               else "the job queue (Redis) is unavailable; retry later")
+    return envelope(503, message, code="queue_backend_full" if full else "queue_backend_unavailable",
+                    headers={"Retry-After": str(BACKEND_RETRY_AFTER_S)})
+
+
 async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error on %s", request.url.path)
     return envelope(500, "internal server error", code="internal_error")
@@ -69,4 +86,5 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation)  # type: ignore[arg-type]
     app.add_exception_handler(ApiError, _api_error)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, _http)  # type: ignore[arg-type]
+    app.add_exception_handler(RedisError, _redis_error)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, _unhandled)

@@ -52,6 +52,7 @@ def test_redis_persists_with_aof(config: dict[str, Any]) -> None:
     command = redis["command"]
     words = command if isinstance(command, list) else command.split()
     assert "--appendonly" in words and words[words.index("--appendonly") + 1] == "yes"
+    assert words[words.index("--maxmemory-policy") + 1] == "noeviction" and words[words.index("--maxmemory") + 1]
     assert any(str(v).split(":")[1] == "/data" for v in redis.get("volumes", [])), "redis /data is not on a volume"
     assert "profiles" not in redis, "redis must run in every profile"
 

@@ -220,4 +220,9 @@ def test_redis_keeps_an_append_only_file(rendered: tuple[str, list[dict[str, Any
     redis = _named(objects, "StatefulSet", "ldserve-redis")
     args = _containers(redis)[0]["args"]
     assert args[args.index("--appendonly") + 1] == "yes"
+    # capped well under the container's limit, refusing writes (503s) rather than evicting jobs
+    assert args[args.index("--maxmemory-policy") + 1] == "noeviction"
+    cap_gb = float(args[args.index("--maxmemory") + 1].removesuffix("gb"))
+    limit_gi = float(_containers(redis)[0]["resources"]["limits"]["memory"].removesuffix("Gi"))
+    assert cap_gb * 1e9 <= 0.6 * limit_gi * 2**30
     assert redis["spec"]["volumeClaimTemplates"], "AOF needs a persistent volume"
