@@ -32,6 +32,8 @@ from .spec import JobSpec
 from .worker_queue import Entry, WorkerQueue
 
 log = logging.getLogger(__name__)
+BACKEND_RETRY_S = 0.5  # first wait after a Redis error, doubling up to BACKEND_RETRY_MAX_S
+BACKEND_RETRY_MAX_S = 5.0
 
 
 class Worker:
@@ -65,8 +67,14 @@ class Worker:
         hb.start()
         try:
             self._load()
+            backoff = BACKEND_RETRY_S
             while not self._stop.is_set():
-                self.step()
+                try:
+                    self.step()
+                    backoff = BACKEND_RETRY_S
+                except redis.RedisError as e:  # Redis restarting, failing over, or out of memory
+                    self._after_backend_error(e, backoff)
+                    backoff = min(BACKEND_RETRY_MAX_S, 2 * backoff)
             while self.held:
                 self.run_batch()
         finally:
@@ -74,6 +82,19 @@ class Worker:
             hb.join(timeout=5)
             self.queue.remove_worker(self.consumer)
             log.info("worker %s stopped", self.consumer)
+
+    def _after_backend_error(self, e: redis.RedisError, wait_s: float) -> None:
+        """A Redis call failed mid-step: jobs this worker holds but no longer tracks in ``held`` (a
+        batch being started or stored) stop being touched, so after ``claim_idle_ms`` XAUTOCLAIM
+        hands them out again (their delivery count says so); the worker waits and goes on."""
+        held = {h.entry.entry_id for h in self.held}
+        with self._lock:
+            lost = [i for i in self.owned if i not in held]
+            for i in lost:
+                del self.owned[i]
+        log.warning("queue backend error (%s): %d job(s) in flight left to be reclaimed; retrying in %.1f s",
+                    e, len(lost), wait_s)
+        self._stop.wait(wait_s)
 
     def _load(self) -> None:
         t0 = time.perf_counter()

@@ -53,3 +53,28 @@ def test_backend_full_then_gone_answers_503_and_recovers(backend: tuple[Embedded
     assert httpx.get(f"{api.url}/v1/jobs/abc").status_code == 503
     assert httpx.get(f"{api.url}/health/ready").status_code == 503
     assert httpx.get(f"{api.url}/health/live").status_code == 200
+
+
+def test_worker_survives_redis_refusing_its_result(backend: tuple[EmbeddedRedis, Proc, str],
+                                                    tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Redis fills up while a job runs, so storing its result fails: the worker neither dies nor keeps
+    the job to itself; once memory is back, the job is reclaimed, run again and succeeds."""
+    server, api, prefix = backend
+    w = start("worker", base_env(server.url, prefix, api_keys="", claim_idle_ms=1500, worker_metrics_port=0),
+              tmp_path_factory.mktemp("backend_worker"))
+    try:
+        wait_for(lambda: httpx.get(f"{api.url}/health/ready").status_code == 200, 120, "worker ready", w)
+        r = redis.Redis.from_url(server.url)
+        r.config_set("maxmemory-policy", "noeviction")
+        job_id = httpx.post(f"{api.url}/generate", json={"prompt": "full", "resolution": 512},
+                            headers={"Prefer": "respond-async"}, timeout=30).json()["id"]
+        key = f"{prefix}:job:{job_id}"
+        wait_for(lambda: r.hget(key, "status") == b"processing", 30, "job processing", w, interval=0.01)
+        r.config_set("maxmemory", "1")  # the result's write will be refused
+        wait_for(lambda: b"queue backend error" in w.log.read_bytes(), 60, "the refused store", w)
+        r.config_set("maxmemory", "0")
+        wait_for(lambda: r.hget(key, "status") == b"succeeded", 60, "job succeeded after reclaim", w)
+        assert int(r.hget(key, "deliveries")) == 2 and r.hexists(key, "img0")
+        assert w.proc.poll() is None and httpx.get(f"{api.url}/health/ready").status_code == 200
+    finally:
+        w.stop()
