@@ -6,12 +6,13 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, BackgroundTasks, Depends, Header, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.types import Receive
 
 from ..imaging import MEDIA_TYPES, PngParams, encode
 from ..queue import IdempotencyMismatch, Job, JobQueue, QueueFull
@@ -98,9 +99,31 @@ class Timing:
         return ", ".join(f"{k};dur={v:.2f}" for k, v in ms.items())
 
 
+async def _disconnected(receive: Receive) -> None:
+    """Returns when the client has gone (the body was read already: the next message is the disconnect)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _wait_unless_gone(waiting: Awaitable[Job | None], receive: Receive | None) -> tuple[Job | None, bool]:
+    """(the job as ``waiting`` left it, False), or (None, True) if the client disconnected first."""
+    if receive is None:
+        return await waiting, False
+    wait_task, gone_task = asyncio.ensure_future(waiting), asyncio.ensure_future(_disconnected(receive))
+    try:
+        done, _ = await asyncio.wait({wait_task, gone_task}, return_when=asyncio.FIRST_COMPLETED)
+        return (wait_task.result(), False) if wait_task in done else (None, True)
+    finally:
+        for t in (wait_task, gone_task):
+            t.cancel()
+
+
 async def _submit(spec: JobSpec, *, prefer: str | None, idem: str | None, cancel_after: str | None,
                   settings: SettingsDep, queue: QueueDep, notifier: NotifierDep,
-                  metrics: MetricsDep, timing: Timing) -> tuple[Job | None, str, float]:
+                  metrics: MetricsDep, timing: Timing, receive: Receive | None = None) -> tuple[Job | None, str, float]:
+    """Admit the job; for a synchronous request wait for it. A synchronous client that disconnects
+    first (closed tab, client timeout before an SDK retry) cancels its job, so the GPU does not run
+    work nobody will read: unless it sent an Idempotency-Key, whose retry attaches to the same job."""
     is_async = "respond-async" in (prefer or "").lower()
     deadline = _duration(cancel_after)
     wait_s = settings.sync_timeout_s if deadline is None else min(deadline, settings.sync_timeout_s)
@@ -116,8 +139,16 @@ async def _submit(spec: JobSpec, *, prefer: str | None, idem: str | None, cancel
         raise ApiError(422, str(e), param="Idempotency-Key", code="idempotency_key_reused") from None
     if is_async:
         return await queue.get(job_id), job_id, wait_s
-    job = await notifier.wait(job_id, wait_s)
+    job, gone = await _wait_unless_gone(notifier.wait(job_id, wait_s), receive)
     timing.add("wait", t)
+    if gone:
+        if idem is None:
+            prev = await queue.terminate(job_id, "canceled", {"message": "the client disconnected before the result",
+                                                              "type": "invalid_request_error", "param": None,
+                                                              "code": "client_disconnected"})
+            if prev in ("queued", "processing"):
+                metrics.api_jobs.labels(status="canceled").inc()
+        raise ApiError(499, "the client closed the request", code="client_disconnected")
     if job is None or job.terminal:
         return job, job_id, wait_s
     prev = await queue.terminate(job_id, "expired", {"message": "deadline passed before the job finished",
@@ -190,7 +221,8 @@ async def _job_files(job: Job, png: PngParams, queue: JobQueue, metrics: Metrics
 
 @protected.post("/generate", response_model=GenerateResponse, status_code=200, tags=["generate"],
                 responses={202: {"model": JobModel}, 200: {"content": {m: {} for m in MEDIA_TYPES.values()}}})
-async def generate(body: GenerateRequest, settings: SettingsDep, queue: QueueDep, notifier: NotifierDep,
+async def generate(body: GenerateRequest, request: Request, settings: SettingsDep, queue: QueueDep,
+                   notifier: NotifierDep,
                    metrics: MetricsDep, response: Response, background: BackgroundTasks, prefer: PreferH = None,
                    idem: IdemH = None, cancel_after: CancelAfterH = None, accept: AcceptH = None) -> Any:
     """Generate images; synchronous by default (waits up to the server deadline)."""
@@ -201,7 +233,8 @@ async def generate(body: GenerateRequest, settings: SettingsDep, queue: QueueDep
         raise ApiError(406, "a raw image response needs n=1; use Accept: application/json", param="n",
                        code="not_acceptable")
     job, job_id, _ = await _submit(spec, prefer=prefer, idem=idem, cancel_after=cancel_after, settings=settings,
-                                   queue=queue, notifier=notifier, metrics=metrics, timing=timing)
+                                   queue=queue, notifier=notifier, metrics=metrics, timing=timing,
+                                   receive=request.receive)
     if "respond-async" in (prefer or "").lower():
         return await _async_response(job, job_id, settings.png, queue, metrics)
     job = _raise_for(job, job_id)
@@ -224,7 +257,7 @@ async def generate(body: GenerateRequest, settings: SettingsDep, queue: QueueDep
 
 @protected.post("/v1/images/generations", response_model=OpenAIImagesResponse, tags=["openai"],
                 responses={202: {"model": JobModel}})
-async def images_generations(body: OpenAIImageRequest, settings: SettingsDep, queue: QueueDep,
+async def images_generations(body: OpenAIImageRequest, request: Request, settings: SettingsDep, queue: QueueDep,
                              notifier: NotifierDep, metrics: MetricsDep, response: Response,
                              background: BackgroundTasks, prefer: PreferH = None, idem: IdemH = None,
                              cancel_after: CancelAfterH = None) -> Any:
@@ -232,7 +265,8 @@ async def images_generations(body: OpenAIImageRequest, settings: SettingsDep, qu
     timing = Timing()
     spec = convert.spec_from_openai(body, settings)
     job, job_id, _ = await _submit(spec, prefer=prefer, idem=idem, cancel_after=cancel_after, settings=settings,
-                                   queue=queue, notifier=notifier, metrics=metrics, timing=timing)
+                                   queue=queue, notifier=notifier, metrics=metrics, timing=timing,
+                                   receive=request.receive)
     if "respond-async" in (prefer or "").lower():
         return await _async_response(job, job_id, settings.png, queue, metrics)
     job = _raise_for(job, job_id)

@@ -264,3 +264,33 @@ def test_delivered_sync_jobs_drop_their_images(serve: Proc, rclient: redis.Redis
         assert time.monotonic() < wait_until, job
         time.sleep(0.05)
     assert job["output_delivered"] is False and len(job["output"]) == 1
+
+
+def _job_with_prompt(rclient: redis.Redis, serve: Proc, prompt: str) -> str | None:
+    prefix = serve.env["LDSERVE_KEY_PREFIX"]
+    for key in rclient.scan_iter(f"{prefix}:job:*"):
+        spec = rclient.hget(key, "spec")
+        if spec and f'"prompt":"{prompt}"' in spec.decode():
+            return key.decode()
+    return None
+
+
+def test_sync_client_that_disconnects_cancels_its_job(serve: Proc, rclient: redis.Redis) -> None:
+    """A synchronous client gone before its result (tab closed, client timeout) cancels the job, so
+    the GPU does not run it for nobody; with an Idempotency-Key the job stays for the retry."""
+    busy = post(serve, "/generate", {"prompt": "busy", "resolution": 512}, {"Prefer": "respond-async"}).json()
+    for prompt, headers in (("gone-away", {}), ("gone-but-retrying", {"Idempotency-Key": "retry-me"})):
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{serve.url}/generate", json={"prompt": prompt, "resolution": 512},
+                       headers={**AUTH, **headers}, timeout=httpx.Timeout(30, read=0.3))
+    gone, kept = (_job_with_prompt(rclient, serve, p) for p in ("gone-away", "gone-but-retrying"))
+    assert gone and kept
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and (rclient.hget(gone, "status") != b"canceled"
+                                           or rclient.hget(kept, "status") != b"succeeded"):
+        time.sleep(0.05)
+    assert rclient.hget(gone, "status") == b"canceled", rclient.hgetall(gone).get(b"status")
+    assert b"client_disconnected" in rclient.hget(gone, "error")
+    assert not rclient.hexists(gone, "img0")  # canceled while queued behind the busy job: never ran
+    assert rclient.hget(kept, "status") == b"succeeded"
+    httpx.post(f"{serve.url}/v1/jobs/{busy['id']}/cancel", headers=AUTH)
