@@ -28,10 +28,10 @@ class PngParams(NamedTuple):
 
     ``stored_ratio``: when evenly spaced rows (~6 KiB) encoded with ``level``/``strategy`` still take
     at least this fraction of their stored size, the image is written unfiltered into stored deflate
-    blocks instead, at most ~1/0.9 the bytes. Noise (the random-weight test models) does not compress
-    at all, yet Pillow's per-row filtering and deflate took ~7 ms for 256 px, the check and stored
-    write 0.5-1 ms. Pillow filters even at ``compress_level=0``, so stored is written here. 0 disables
-    the check."""
+    blocks instead, at most ~1/0.9 the bytes. Uniform noise does not compress at all, yet Pillow's
+    per-row filtering and deflate took ~7 ms for 256 px, the check and stored write 0.5-1 ms (the
+    random-weight test models' images do compress, to ~0.73, and keep Pillow's path). Pillow filters
+    even at ``compress_level=0``, so stored is written here. 0 disables the check."""
 
     level: int = 1
     strategy: str = "rle"

@@ -141,13 +141,7 @@ class Worker:
             count = max(1, s.max_batch_size - batch_images(select_batch(self.held, s.max_batch_size)[0]))
         else:
             block, count = s.block_ms, s.max_batch_size
-        try:
-            entries = self.queue.read_new(self.consumer, count, block)
-        except redis.ConnectionError as e:
-            log.warning("redis unavailable (%s); retrying", e)
-            time.sleep(0.5)
-            return
-        for e in entries:
+        for e in self.queue.read_new(self.consumer, count, block):  # Redis errors: run() backs off
             self._admit(e)
 
     def _recover(self) -> None:

@@ -175,7 +175,7 @@ async def _async_response(job: Job | None, job_id: str, png: PngParams, queue: J
                           metrics: MetricsDep) -> JSONResponse:
     if job is None:
         raise ApiError(404, f"job {job_id} no longer exists", code="job_not_found")
-    files = await _job_files(job, png, queue, metrics) if job.status == "succeeded" and job.images else None
+    files = await _job_files(job, png, queue, metrics)
     return JSONResponse(convert.job_body(job, files), status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
 
 
@@ -209,14 +209,27 @@ def _delivered(job: Job, idem: str | None, settings: SettingsDep, queue: JobQueu
         background.add_task(queue.drop_images, job.id, len(job.images))
 
 
-async def _job_files(job: Job, png: PngParams, queue: JobQueue, metrics: MetricsDep) -> list[bytes]:
-    """A succeeded job's files for a job read: encoded by the first read and kept in the job hash
-    (clients poll; a 1024 px PNG is ~85 ms of CPU), counted once in ``images_generated``."""
+async def _job_files(job: Job, png: PngParams, queue: JobQueue, metrics: MetricsDep) -> list[bytes] | None:
+    """A job read's files: None unless it succeeded with its images still stored; encoded by the
+    first read and kept in the job hash (clients poll; a 1024 px PNG is ~85 ms of CPU), counted
+    once in ``images_generated``."""
+    if job.status != "succeeded" or job.images_dropped:
+        return None
     if job.files:
         return job.files
     encoded = await _encode_images(job, png)
     if await queue.store_files(job.id, encoded) == 1:
         _count_images(metrics, job.spec.output_format, len(encoded))
+    return encoded
+
+
+async def _sync_files(job: Job, png: PngParams, metrics: MetricsDep, timing: Timing, response: Response) -> list[bytes]:
+    """A synchronous JSON response's files: encoded, timed into its Server-Timing header, counted."""
+    t = time.perf_counter()
+    encoded = await _encode_images(job, png)
+    timing.add("encode", t)
+    response.headers["Server-Timing"] = timing.header(job)
+    _count_images(metrics, job.spec.output_format, len(encoded))
     return encoded
 
 
@@ -240,8 +253,8 @@ async def generate(body: GenerateRequest, request: Request, settings: SettingsDe
         return await _async_response(job, job_id, settings.png, queue, metrics)
     job = _raise_for(job, job_id)
     _delivered(job, idem, settings, queue, background)
-    t = time.perf_counter()
     if raw_fmt:
+        t = time.perf_counter()
         data = await _run_encode(spec.width * spec.height, encode, job.images[0], spec.width, spec.height, raw_fmt,
                                  spec.quality, settings.png)
         timing.add("encode", t)
@@ -249,11 +262,7 @@ async def generate(body: GenerateRequest, request: Request, settings: SettingsDe
         seed = str(job.spec.seeds[0])
         return Response(data, media_type=MEDIA_TYPES[raw_fmt],
                         headers={"x-seed": seed, "x-job-id": job.id, "Server-Timing": timing.header(job)})
-    encoded = await _encode_images(job, settings.png)
-    timing.add("encode", t)
-    _count_images(metrics, spec.output_format, len(encoded))
-    response.headers["Server-Timing"] = timing.header(job)
-    return convert.generate_body(job, encoded)
+    return convert.generate_body(job, await _sync_files(job, settings.png, metrics, timing, response))
 
 
 @protected.post("/v1/images/generations", response_model=OpenAIImagesResponse, tags=["openai"],
@@ -272,12 +281,7 @@ async def images_generations(body: OpenAIImageRequest, request: Request, setting
         return await _async_response(job, job_id, settings.png, queue, metrics)
     job = _raise_for(job, job_id)
     _delivered(job, idem, settings, queue, background)
-    t = time.perf_counter()
-    encoded = await _encode_images(job, settings.png)
-    timing.add("encode", t)
-    response.headers["Server-Timing"] = timing.header(job)
-    _count_images(metrics, spec.output_format, len(encoded))
-    return convert.openai_body(job, encoded, body.quality)
+    return convert.openai_body(job, await _sync_files(job, settings.png, metrics, timing, response), body.quality)
 
 
 @protected.get("/v1/jobs/{job_id}", response_model=JobModel, tags=["jobs"])
@@ -286,8 +290,7 @@ async def get_job(job_id: str, settings: SettingsDep, queue: QueueDep, metrics: 
     job = await queue.get(job_id) if len(job_id) <= 64 else None
     if job is None:
         raise ApiError(404, f"no job {job_id!r}", param="job_id", code="job_not_found")
-    succeeded = job.status == "succeeded" and not job.images_dropped
-    return convert.job_body(job, await _job_files(job, settings.png, queue, metrics) if succeeded else None)
+    return convert.job_body(job, await _job_files(job, settings.png, queue, metrics))
 
 
 @protected.post("/v1/jobs/{job_id}/cancel", response_model=JobModel, tags=["jobs"])
