@@ -221,6 +221,39 @@ def test_model_report_captions_from_start_with_their_own_seeds() -> None:
     assert both["adherence"] == pytest.approx((first["adherence"] + second["adherence"]) / 2)
 
 
+def test_scale_code_sum_of_the_quantizer_bits_is_its_f_hat(vae_dir: Path) -> None:
+    """The teacher diagnosis decodes sums of per-scale bits: with the quantizer's own bits the sum
+    is the quantizer's f_hat (so its "vae" row is the VAE reconstruction)."""
+    from demo.dataset import batch_tensors, make_split
+    from demo.evaluate import sum_scale_codes
+    from model_loader.vae import BSQVAE
+
+    vae = BSQVAE(TINY_VAE)
+    vae.load_state_dict(read_safetensors(vae_dir / "vae.safetensors"))
+    img, _ = batch_tensors(make_split(2, 0))
+    grids = [(1, 1), (2, 2), (4, 4), (8, 8), (16, 16)]
+    f_hat, bits = vae.quantize_multiscale(vae.eval().encode(img), grids)
+    assert torch.allclose(sum_scale_codes(bits, grids), f_hat, atol=1e-6)
+    flipped = [bits[0] ^ 1, *bits[1:]]
+    assert not torch.allclose(sum_scale_codes(flipped, grids), f_hat, atol=1e-3)
+
+
+def test_teacher_report_on_the_shipped_model(tmp_path: Path) -> None:
+    """The shipped transformer predicts the true bits well above chance at every scale; its "vae"
+    row is the VAE reconstruction's adherence on the same images; the figure has a column per scale."""
+    from PIL import Image
+
+    from demo.evaluate import load_vae, teacher_report, vae_report
+    from demo.model import WEIGHTS_DIR
+
+    r = teacher_report(WEIGHTS_DIR, n=4, batch=2, figure=tmp_path / "scales.png")
+    assert len(r["bit_accuracy_per_scale"]) == len(r["grids"]) == 7
+    assert all(0.75 < a <= 1.0 for a in r["bit_accuracy_per_scale"])
+    assert set(r["adherence"]) == {"vae", "model_all", *(f"model_scale{k}" for k in range(7))}
+    assert r["adherence"]["vae"]["adherence"] == pytest.approx(vae_report(load_vae(WEIGHTS_DIR), n=4)["adherence"])
+    assert Image.open(tmp_path / "scales.png").size == (7 * 128, 4 * 128)
+
+
 def test_time_budget_stops_a_run_whose_steps_slowed_down() -> None:
     """The fit assumes the probe's pace; steps that slow down afterwards run past the budget, so
     ``over`` ends the run (to be saved) once the budget and its grace are spent, never during the probe."""
