@@ -13,6 +13,7 @@ class Keys:
         self.dlq = f"{prefix}:dlq"
         self.events = f"{prefix}:events"
         self.workers = f"{prefix}:workers"
+        self.url_signing_key = f"{prefix}:url_signing_key"
 
     def job(self, job_id: str) -> str:
         return f"{self.prefix}:job:{job_id}"

@@ -13,6 +13,7 @@ import asyncio
 import json
 import logging
 import math
+import secrets
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -100,6 +101,7 @@ class JobQueue:
         self._terminate = client.register_script(TERMINATE)
         self._store_files = client.register_script(STORE_FILES)
         self._drop_images = client.register_script(DROP_IMAGES)
+        self._url_key: bytes | None = None
 
     async def enqueue(self, spec: JobSpec, *, timeout_s: float | None, idempotency_key: str | None) -> tuple[str, bool]:
         """Returns (job_id, created). Raises QueueFull or IdempotencyMismatch."""
@@ -128,6 +130,20 @@ class JobQueue:
     async def get(self, job_id: str) -> Job | None:
         h = await self.client.hgetall(self.keys.job(job_id))
         return parse_job(job_id, h) if h else None
+
+    async def get_file(self, job_id: str, index: int) -> tuple[JobSpec, bytes | None] | None:
+        """A job's spec and its encoded image ``index`` (None until stored), without reading the
+        raw images; None if the job no longer exists."""
+        spec, data = await self.client.hmget(self.keys.job(job_id), ["spec", f"file{index}"])
+        return None if spec is None else (JobSpec.model_validate_json(spec), data)
+
+    async def url_signing_key(self) -> bytes:
+        """The key of file links shared by every API process: created once in Redis, then cached."""
+        if self._url_key is None:
+            fresh = secrets.token_hex(32).encode()
+            await self.client.set(self.keys.url_signing_key, fresh, nx=True)
+            self._url_key = await self.client.get(self.keys.url_signing_key) or fresh
+        return self._url_key
 
     async def store_files(self, job_id: str, files: list[bytes]) -> int:
         """Keep a finished job's encoded images beside its raw ones, so later reads of the job

@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from .imaging import PngParams
@@ -89,6 +89,13 @@ class ServiceSettings(BaseSettings):
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
     """Comma-separated bearer keys; only their SHA-256 hashes are kept (see api_key_hashes)."""
     protect_metrics: bool = True
+    url_signing_key: SecretStr | None = None
+    """Key of the signed links that ``response_format: "url"`` answers with (service.file_urls). Unset:
+    a random key kept in Redis and shared by every API process; set it to keep links valid across a
+    Redis that loses its data."""
+    public_base_url: str | None = None
+    """Scheme and host that file links start with (``https://images.example.com``); unset: the
+    request's own (behind a proxy, uvicorn's --proxy-headers and the Host header decide it)."""
     public_docs: bool = False
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     max_body_bytes: int = Field(65_536, ge=1024)
@@ -111,6 +118,15 @@ class ServiceSettings(BaseSettings):
             if len(k) < 16:
                 raise ValueError("api_keys: every key needs at least 16 characters")
         return [hash_key(k) for k in v]
+
+    @field_validator("public_base_url")
+    @classmethod
+    def _base_url(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        if not v.startswith(("http://", "https://")) or "?" in v or "#" in v:
+            raise ValueError("public_base_url: give scheme and host, e.g. https://images.example.com")
+        return v.rstrip("/")
 
     @field_validator("cors_origins")
     @classmethod

@@ -79,9 +79,6 @@ def spec_from_generate(req: GenerateRequest, s: ServiceSettings) -> JobSpec:
 
 
 def spec_from_openai(req: OpenAIImageRequest, s: ServiceSettings) -> JobSpec:
-    if req.response_format == "url":
-        raise ApiError(400, "response_format 'url' is not supported; use 'b64_json'", param="response_format",
-                       code="unsupported_value")
     if req.background == "transparent":
         raise ApiError(400, "transparent backgrounds are not supported", param="background", code="unsupported_value")
     if req.model is not None and req.model not in (s.model_preset, "ldserve"):
@@ -108,15 +105,19 @@ def encoded_images(job: Job, png: PngParams = DEFAULT_PNG) -> list[bytes]:
     return encode_all(job.images, sp.width, sp.height, sp.output_format, sp.quality, png)
 
 
-def image_items(job: Job, encoded: list[bytes]) -> list[dict[str, Any]]:
+def image_items(job: Job, encoded: list[bytes] | None) -> list[dict[str, Any]]:
+    """Per image: seed, stats, and ``b64_json`` of its file (none with ``encoded`` None)."""
     per = (job.result or {}).get("images", [])
     out = []
-    for data, info in zip(encoded, per, strict=True):
+    for data, info in zip(encoded if encoded is not None else [None] * len(per), per, strict=True):
         st = info["stats"]
         stats = {k: st[k] for k in ("tokens_computed", "tokens_full", "uncond_stop_scale", "ideal_speedup",
                                     "kept_fraction_per_scale")}
-        out.append({"b64_json": b64(data), "seed": info["seed"],
-                    "stats": {"seed": info["seed"], **stats, "prompt_truncated": info["prompt_truncated"]}})
+        item = {"seed": info["seed"], "stats": {"seed": info["seed"], **stats,
+                                                "prompt_truncated": info["prompt_truncated"]}}
+        if data is not None:
+            item["b64_json"] = b64(data)
+        out.append(item)
     return out
 
 
@@ -146,14 +147,17 @@ def generate_body(job: Job, encoded: list[bytes]) -> dict[str, Any]:
             "data": image_items(job, encoded), "metrics": job_metrics(job)}
 
 
-def openai_body(job: Job, encoded: list[bytes], quality: str | None) -> dict[str, Any]:
+def openai_body(job: Job, encoded: list[bytes], quality: str | None, urls: list[str] | None = None) -> dict[str, Any]:
+    """The OpenAI response: each image as ``b64_json``, or with ``urls`` as links instead."""
     sp = job.spec
-    items = image_items(job, encoded)
+    items = image_items(job, encoded if urls is None else None)
     computed = sum(i["stats"]["tokens_computed"] for i in items)
     full = sum(i["stats"]["tokens_full"] for i in items)
+    data = ([{"url": u, "revised_prompt": None, "seed": i["seed"]} for i, u in zip(items, urls, strict=True)]
+            if urls is not None else
+            [{"b64_json": i["b64_json"], "revised_prompt": None, "seed": i["seed"]} for i in items])
     return {"created": job.created_ms // 1000, "output_format": sp.output_format, "size": f"{sp.width}x{sp.height}",
-            "quality": quality,
-            "data": [{"b64_json": i["b64_json"], "revised_prompt": None, "seed": i["seed"]} for i in items],
+            "quality": quality, "data": data,
             "usage": {"input_tokens": 0, "output_tokens": computed, "total_tokens": computed,
                       "output_tokens_details": {"image_tokens": computed, "image_tokens_full": full,
                                                 "pruned_tokens": full - computed}},

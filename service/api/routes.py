@@ -9,11 +9,12 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, TypeVar
 
-from fastapi import APIRouter, BackgroundTasks, Depends, Header, Request, Response
+from fastapi import APIRouter, BackgroundTasks, Depends, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import Receive
 
+from .. import file_urls
 from ..imaging import MEDIA_TYPES, PngParams, encode
 from ..queue import IdempotencyMismatch, Job, JobQueue, QueueFull
 from ..spec import TERMINAL, JobSpec
@@ -280,8 +281,54 @@ async def images_generations(body: OpenAIImageRequest, request: Request, setting
     if "respond-async" in (prefer or "").lower():
         return await _async_response(job, job_id, settings.png, queue, metrics)
     job = _raise_for(job, job_id)
+    if body.response_format == "url":
+        return await _url_response(job, body.quality, request, settings, queue, metrics, timing, response)
     _delivered(job, idem, settings, queue, background)
     return convert.openai_body(job, await _sync_files(job, settings.png, metrics, timing, response), body.quality)
+
+
+async def _url_response(job: Job, quality: str | None, request: Request, settings: SettingsDep, queue: JobQueue,
+                        metrics: MetricsDep, timing: Timing, response: Response) -> dict[str, Any]:
+    """``response_format: "url"``: the files are encoded into the job's record (which keeps them,
+    and its images, until its TTL) and answered as signed links to ``image_file``."""
+    t = time.perf_counter()
+    files = await _job_files(job, settings.png, queue, metrics)
+    timing.add("encode", t)
+    if files is None:  # an earlier synchronous response delivered and dropped them
+        raise ApiError(410, f"the images of job {job.id} were already delivered", code="output_delivered")
+    response.headers["Server-Timing"] = timing.header(job)
+    base = settings.public_base_url or str(request.base_url).rstrip("/")
+    expires = (job.completed_ms or job.created_ms) // 1000 + settings.job_ttl_s
+    key = await queue.url_signing_key()
+    ext = job.spec.output_format
+    urls = [file_urls.signed_url(base, key, job.id, i, ext, expires) for i in range(len(files))]
+    return convert.openai_body(job, files, quality, urls)
+
+
+@public.get("/v1/images/files/{job_id}/{name}", tags=["openai"], response_class=Response,
+            responses={200: {"content": {m: {} for m in MEDIA_TYPES.values()}},
+                       **{c: {"model": ErrorResponse} for c in (403, 404, 422, 503)}})
+async def image_file(job_id: str, name: str, queue: QueueDep,
+                     expires: Annotated[int, Query(description="unix seconds, from the link")],
+                     signature: Annotated[str, Query(max_length=64, description="from the link")]) -> Response:
+    """A generated file behind a signed link (``response_format: "url"``); the link is the credential,
+    no API key needed. 403 for an altered or expired link, 404 once the job's record is gone."""
+    m = re.fullmatch(r"(\d{1,2})\.(png|jpeg|webp)", name)
+    if m is None or len(job_id) > 64:
+        raise ApiError(404, f"no file {name!r} for job {job_id!r}", code="file_not_found")
+    now = time.time()
+    problem = file_urls.check(await queue.url_signing_key(), job_id, name, expires, signature, now)
+    if problem is not None:
+        msg = "this link has expired" if problem == "url_expired" else "the link's signature does not match"
+        raise ApiError(403, msg, param="signature" if problem == "invalid_signature" else "expires", code=problem)
+    found = await queue.get_file(job_id, int(m.group(1)))
+    if found is None:
+        raise ApiError(404, f"job {job_id} no longer exists", code="job_not_found")
+    spec, data = found
+    if data is None or spec.output_format != m.group(2):
+        raise ApiError(404, f"no file {name!r} for job {job_id!r}", code="file_not_found")
+    return Response(data, media_type=MEDIA_TYPES[spec.output_format],
+                    headers={"Cache-Control": f"private, max-age={max(0, int(expires - now))}", "x-job-id": job_id})
 
 
 @protected.get("/v1/jobs/{job_id}", response_model=JobModel, tags=["jobs"])

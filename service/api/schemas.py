@@ -140,7 +140,11 @@ class OpenAIImageRequest(SamplingFields):
 
 
 class OpenAIImage(BaseModel):
-    b64_json: str
+    b64_json: str | None = None
+    """The image (``response_format`` ``b64_json``, the default)."""
+    url: str | None = None
+    """``response_format`` ``url``: a signed link, valid without an API key until the job's record
+    expires (``job_ttl_s`` after it finished)."""
     revised_prompt: str | None = None
     seed: int
 

@@ -86,8 +86,56 @@ def test_openai_route(serve: Proc) -> None:
     assert body["size"] == "256x256" and body["output_format"] == "jpeg" and body["data"][0]["seed"] == 5
     assert decode(body["data"][0]["b64_json"]).format == "JPEG"
     assert body["usage"]["output_tokens"] > 0
-    r = post(serve, "/v1/images/generations", {"prompt": "a boat", "response_format": "url"})
-    assert r.status_code == 400 and r.json()["error"]["param"] == "response_format"
+
+
+def test_openai_url_response_links_work_without_a_key(serve: Proc, rclient: redis.Redis) -> None:
+    """``response_format: "url"``: signed links that fetch the files without the API key (this
+    server has one), keep the job's images, count them once; altered, expired or unknown links fail."""
+    from service.file_urls import signature
+
+    before = images_generated(serve)
+    r = post(serve, "/v1/images/generations", {"prompt": "a boat", "size": "256x256", "n": 2, "seed": 3,
+                                               "output_format": "webp", "response_format": "url"})
+    assert r.status_code == 200, r.text
+    items = r.json()["data"]
+    assert [i["seed"] for i in items] == [3, 4] and all(i["b64_json"] is None for i in items)
+    assert "encode;dur=" in r.headers["server-timing"]
+    files = []
+    for i, item in enumerate(items):
+        assert item["url"].startswith(f"{serve.url}/v1/images/files/") and f"/{i}.webp?expires=" in item["url"]
+        got = httpx.get(item["url"])  # no Authorization header
+        assert got.status_code == 200 and got.headers["content-type"] == "image/webp", got.text
+        img = Image.open(io.BytesIO(got.content))
+        assert img.format == "WEBP" and img.size == (256, 256)
+        files.append(got.content)
+    assert files[0] != files[1]
+    job_id = got.headers["x-job-id"]
+    assert images_generated(serve) == before + 2
+    job = httpx.get(f"{serve.url}/v1/jobs/{job_id}", headers=AUTH).json()  # the same bytes, kept
+    assert [base64.b64decode(o["b64_json"]) for o in job["output"]] == files and not job["output_delivered"]
+    assert images_generated(serve) == before + 2
+
+    url = httpx.URL(items[0]["url"])
+    expires, sig = int(url.params["expires"]), url.params["signature"]
+    base = f"{serve.url}{url.path}"
+    for params, code in (({"expires": expires, "signature": "0" * 32}, "invalid_signature"),
+                         ({"expires": expires + 3600, "signature": sig}, "invalid_signature")):
+        bad = httpx.get(base, params=params)
+        assert bad.status_code == 403 and bad.json()["error"]["code"] == code
+    assert httpx.get(base.replace("/0.webp", "/1.webp"), params=url.params).status_code == 403  # signed per file
+    assert httpx.get(base, params={"expires": expires}).status_code == 422
+    key = rclient.get(f"{serve.env['LDSERVE_KEY_PREFIX']}:url_signing_key")
+    past = int(time.time()) - 1
+    bad = httpx.get(base, params={"expires": past, "signature": signature(key, job_id, "0.webp", past)})
+    assert bad.status_code == 403 and bad.json()["error"]["code"] == "url_expired"
+    for name, code in (("7.webp", "file_not_found"), ("0.png", "file_not_found")):
+        bad = httpx.get(base.replace("/0.webp", f"/{name}"),
+                        params={"expires": expires, "signature": signature(key, job_id, name, expires)})
+        assert bad.status_code == 404 and bad.json()["error"]["code"] == code
+    gone = "f" * 32
+    bad = httpx.get(f"{serve.url}/v1/images/files/{gone}/0.webp",
+                    params={"expires": expires, "signature": signature(key, gone, "0.webp", expires)})
+    assert bad.status_code == 404 and bad.json()["error"]["code"] == "job_not_found"
 
 
 def images_generated(serve: Proc) -> float:
@@ -189,6 +237,9 @@ def test_auth_on_every_non_probe_route(serve: Proc) -> None:
             r = httpx.request(method, url, json={"prompt": "x"})
             if path.startswith("/health/"):
                 assert r.status_code in (200, 503)
+                continue
+            if path.startswith("/v1/images/files/"):  # signed links instead of a key (test_openai_url_response...)
+                assert r.status_code == 422 and r.json()["error"]["param"] in ("expires", "signature")
                 continue
             assert r.status_code == 401, (method, path, r.status_code)
             assert r.json()["error"]["type"] == "authentication_error" and r.headers["www-authenticate"] == "Bearer"

@@ -81,9 +81,30 @@ def test_settings_fail_fast(monkeypatch: pytest.MonkeyPatch) -> None:
     assert len(s.api_key_hashes) == 2 and "k" * 20 not in s.api_key_hashes
     for bad in ({"model_preset": "nope"}, {"default_pruning": "turbo"}, {"api_keys": "short"},
                 {"cors_origins": "*"}, {"max_batch_size": 2, "max_n": 4}, {"transformer_path": "/x"},
-                {"switch_interval_ms": 0}):
+                {"switch_interval_ms": 0}, {"public_base_url": "images.example.com"},
+                {"public_base_url": "https://x.example/?a=1"}):
         with pytest.raises(ValidationError):
             ServiceSettings(**bad)  # type: ignore[arg-type]
+    assert ServiceSettings(public_base_url="https://x.example/").public_base_url == "https://x.example"
+
+
+def test_file_link_signature_covers_job_file_and_expiry() -> None:
+    """A link is valid until its expiry; any change to job, file, expiry or key invalidates it (an
+    altered expiry reads as invalid, not as expired); a signature of any text is an answer, not an error."""
+    from service.file_urls import check, signature, signed_url
+
+    key, job, t = b"k" * 32, "a" * 32, 1_000_000
+    url = signed_url("https://x.example", key, job, 1, "png", t)
+    sig = url.rsplit("signature=", 1)[1]
+    assert url == f"https://x.example/v1/images/files/{job}/1.png?expires={t}&signature={sig}" and len(sig) == 32
+    assert check(key, job, "1.png", t, sig, now=t) is None
+    assert check(key, job, "1.png", t, sig.upper(), now=t - 5) is None
+    assert check(key, job, "1.png", t, sig, now=t + 1) == "url_expired"
+    for args in ((b"j" * 32, job, "1.png", t), (key, "b" * 32, "1.png", t), (key, job, "0.png", t),
+                 (key, job, "1.webp", t), (key, job, "1.png", t + 1)):
+        assert check(*args, sig, now=t - 5) == "invalid_signature"
+    assert check(key, job, "1.png", t, "é" * 32, now=t) == "invalid_signature"
+    assert signature(key, job, "1.png", t) != signature(key, job, "1.png", t + 1)
 
 
 def test_api_process_never_imports_torch() -> None:
