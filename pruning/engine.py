@@ -23,7 +23,7 @@ from model_loader.text_cond import TextCond
 
 from .config import PruningConfig
 from .cuda_graphs import ScaleGraphs
-from .loop import generate
+from .loop import ScaleCallback, generate
 from .policy import FastVARStyle, NoPruning, PruningPolicy, SkipVARStyle, make_policy
 from .stats import SampleStats
 
@@ -138,8 +138,10 @@ class Engine:
         parts = [neg_text.select([i]) if n else learned.select([i]) for i, n in enumerate(negs)]
         return TextCond.cat(parts)
 
-    def generate(self, requests: list[ImageRequest], grids: tuple[tuple[int, int], ...]) -> list[ImageResult]:
-        """One batch at one schedule. Raises ValueError for invalid settings."""
+    def generate(self, requests: list[ImageRequest], grids: tuple[tuple[int, int], ...],
+                 on_scale: ScaleCallback | None = None) -> list[ImageResult]:
+        """One batch at one schedule. Raises ValueError for invalid settings. ``on_scale``: called
+        after each scale but the last with a preview decoder (``pruning.loop.generate``)."""
         if not requests:
             return []
         t0 = time.perf_counter()
@@ -148,7 +150,8 @@ class Engine:
             negative = self._uncond_text(requests, text)
         t1 = time.perf_counter()
         out = generate(self.model, text, grids, [r.sampling for r in requests],
-                       [policy_for(r) for r in requests], negative=negative, graphs=self.graphs)
+                       [policy_for(r) for r in requests], negative=negative, graphs=self.graphs,
+                       on_scale=on_scale)
         self.last_timing = BatchTiming(t1 - t0, time.perf_counter() - t1)
         return [ImageResult(out.images_BHW3[i], out.stats[i], truncated[i]) for i in range(len(requests))]
 

@@ -14,8 +14,10 @@ D VAE code bits, h/w grids.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -34,6 +36,9 @@ from model_loader.vae import bits_to_codes, image_to_uint8, resize_codes, tokens
 from .cuda_graphs import ScaleGraphs
 from .policy import PruningPolicy, ScaleContext, ScaleObservation, ScalePlan
 from .stats import SampleStats, ScaleStats, scale_flops
+
+ScaleCallback = Callable[[int, Callable[[list[int]], torch.Tensor]], None]
+"""``on_scale(scale_index, preview)``: see ``generate``."""
 
 
 @dataclass
@@ -76,6 +81,11 @@ class _ScaleClock:
             self.marks.append(ev)
         else:
             self.marks.append(time.perf_counter())
+
+    def restart(self) -> None:
+        """Move the last mark to now: time spent since (a caller's preview) counts in no scale."""
+        self.marks.pop()
+        self.mark()
 
     def walls(self) -> list[float]:
         if self.cuda:
@@ -124,13 +134,16 @@ def _fill_bits(prev_bits_hwD: torch.Tensor | None, grid_vae: tuple[int, int], bi
 def generate(model: InfinityModel, text: TextCond, grids: tuple[tuple[int, int], ...],
              params: list[SamplingParams], policies: list[PruningPolicy], *,
              negative: TextCond | None = None, padded: bool = False,
-             graphs: ScaleGraphs | None = None) -> LoopOutput:
+             graphs: ScaleGraphs | None = None, on_scale: ScaleCallback | None = None) -> LoopOutput:
     """Generate B images at one schedule; sample b uses ``params[b]`` and ``policies[b]``.
 
     ``padded`` runs rows of unequal token counts as a padded rectangle instead of packed
     (for measuring the two; packed is the default because linear layers then skip the padding).
     ``graphs`` (a ``ScaleGraphs`` of this model) replays captured CUDA graphs for the scales
     where every row computes the same tokens; the results equal the eager loop's.
+    ``on_scale(si, preview)`` is called after every scale but the last; ``preview(samples)`` decodes
+    those samples' codes summed so far, uint8 (len(samples), H, W, 3) on the CPU (progress events and
+    partial images; its time counts in no scale's wall time; the images are unchanged by it).
     """
     tf, preset, dev = model.transformer, model.preset, model.device
     b, patchify, vs, nbits = text.batch_size, preset.spatial_patchify, preset.vae_scale, preset.vae.codebook_bits
@@ -189,12 +202,20 @@ def generate(model: InfinityModel, text: TextCond, grids: tuple[tuple[int, int],
                 break
             summed += resize_codes(codes, final_grid)
             feats = next_scale_input(summed, grids[si + 1], vs, patchify)
+            if on_scale is not None:
+                on_scale(si, functools.partial(_preview, model, summed))
+                clock.restart()
         walls = clock.walls()
         for (si, grid, keep, rows_si, lens_si), wall in zip(records, walls, strict=True):
             _record(stats, tf.cfg, si, grid, keep, rows_si, params, keys_done, offsets[si + 1], lens_si, wall)
         img = model.vae.decode(summed)
         images = image_to_uint8(img).cpu()
     return LoopOutput(images, stats, summed.float().cpu(), [b.cpu() for b in out_bits])
+
+
+def _preview(model: InfinityModel, summed_BDhw: torch.Tensor, samples: list[int]) -> torch.Tensor:
+    """The samples' codes summed so far, decoded: uint8 (len(samples), H, W, 3) on the CPU."""
+    return image_to_uint8(model.vae.decode(summed_BDhw[samples])).cpu()
 
 
 def _record(stats: list[SampleStats], cfg, si: int, grid: tuple[int, int], keep, rows: _Rows,

@@ -9,8 +9,10 @@ run happens after the batch's results are stored, so no client waits for it.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -19,12 +21,15 @@ import torch
 from model_loader.sampling import SamplingParams
 from pruning.config import PruningConfig
 from pruning.engine import Engine, ImageRequest, grids_for
+from pruning.loop import ScaleCallback
 
 from .settings import ServiceSettings
-from .spec import JobSpec
+from .spec import JobSpec, preview_scales
 
 log = logging.getLogger(__name__)
 Grids = tuple[tuple[int, int], ...]
+EventSink = Callable[[list[tuple[int, dict[str, Any]]]], None]
+"""Receives a batch's events as (index of the job in the batch, stream fields)."""
 
 
 @dataclass
@@ -89,12 +94,18 @@ class EngineClient:
             self._time_unpruned([ImageRequest("calibration", SamplingParams(seed=0))], spec_grids)
         return t
 
-    def generate(self, specs: list[JobSpec]) -> BatchOut:
-        """One batch of jobs sharing a batch key; raises on engine errors."""
+    def generate(self, specs: list[JobSpec], events: EventSink | None = None) -> BatchOut:
+        """One batch of jobs sharing a batch key; raises on engine errors. ``events`` receives,
+        after every scale but the last, one ``progress`` event per job (unless the setting
+        ``progress_events`` is off) and a ``partial_image`` event (raw RGB in ``img``) per image
+        that asked for a preview at that scale."""
         grids = grids_for(specs[0].h_div_w, specs[0].pn)
         reqs = [r for s in specs for r in requests_for(s)]
         t0 = time.perf_counter()
-        results = self.engine.generate(reqs, grids)
+        wanted = [preview_scales(grids, s.partial_images) for s in specs]
+        send = events is not None and (self.settings.progress_events or any(wanted))
+        results = self.engine.generate(reqs, grids,
+                                       on_scale=self._scale_events(specs, grids, wanted, events) if send else None)
         self._sync()
         seconds = time.perf_counter() - t0
         h, w = self.engine.image_size(grids)
@@ -108,6 +119,29 @@ class EngineClient:
         if not pruned:
             self.unpruned_s[(grids, len(reqs))] = seconds
         return BatchOut(out, seconds, pruned)
+
+    def _scale_events(self, specs: list[JobSpec], grids: Grids, wanted: list[list[int]],
+                      events: EventSink) -> ScaleCallback:
+        first = [sum(s.n for s in specs[:j]) for j in range(len(specs))]  # each job's first sample
+        h, w = self.engine.image_size(grids)
+        progress_on = self.settings.progress_events
+
+        def on_scale(si: int, preview: Callable[[list[int]], torch.Tensor]) -> None:
+            progress = {"scale": si + 1, "scales": len(grids), "grid": list(grids[si])}
+            out: list[tuple[int, dict[str, Any]]] = ([(j, {"type": "progress", "data": json.dumps(progress)})
+                                                       for j in range(len(specs))] if progress_on else [])
+            asked = [(j, k) for j, s in enumerate(specs) if si in wanted[j] for k in range(s.n)]
+            if asked:
+                images = preview([first[j] + k for j, k in asked])
+                for (j, k), img in zip(asked, images, strict=True):
+                    data = {**progress, "image_index": k, "partial_image_index": wanted[j].index(si),
+                            "width": w, "height": h}
+                    out.append((j, {"type": "partial_image", "data": json.dumps(data),
+                                    "img": img.contiguous().numpy().tobytes()}))
+            if out:
+                events(out)
+
+        return on_scale
 
     def realized_speedup(self, specs: list[JobSpec], seconds: float) -> float | None:
         """Calibrated unpruned time / actual time for a pruned batch (calibrating on first use)."""

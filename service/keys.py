@@ -18,11 +18,25 @@ class Keys:
     def job(self, job_id: str) -> str:
         return f"{self.prefix}:job:{job_id}"
 
+    def job_events(self, job_id: str) -> str:
+        """Stream of a job's progress events (``EVENT_TAIL`` in the scripts that end a job)."""
+        return f"{self.prefix}:jobevents:{job_id}"
+
     def idem(self, key: str) -> str:
         return f"{self.prefix}:idem:{hashlib.sha256(key.encode()).hexdigest()}"
 
 
 _NOW = "local t = redis.call('TIME'); local now = t[1] * 1000 + math.floor(t[2] / 1000)\n"
+
+EVENTS_MAXLEN = 256
+"""Entries a job's event stream keeps (progress per scale, partial images, the end)."""
+# The end of a job as the last entry of its event stream (Keys.job_events), written by the same
+# script that ends it, so a reader that saw the job live then waits on the stream alone. ``ttl``
+# as the job's. The stream is KEYS[3]; expects locals ``status`` and ``ttl``.
+_END_EVENT = """
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', '""" + str(EVENTS_MAXLEN) + """', '*', 'type', status)
+redis.call('EXPIRE', KEYS[3], ttl)
+"""
 
 # KEYS: stream, job, idem ; ARGV: max_len, trim_len, job_id, spec, timeout_ms, ttl, payload_hash, idem_ttl, use_idem
 ENQUEUE = _NOW + """
@@ -48,7 +62,7 @@ if ARGV[9] == '1' then redis.call('SET', KEYS[3], ARGV[3] .. ' ' .. ARGV[7], 'EX
 return {'ok', id, ''}
 """
 
-# KEYS: job, stream ; ARGV: new_status, error_json, events_channel, job_id -> previous status or nil
+# KEYS: job, stream, job events ; ARGV: new_status, error_json, events_channel, job_id -> previous status or nil
 # A queued job's stream entry is deleted at once so it stops counting against max_queue_len;
 # if a worker already read it, the worker's START sees the terminal status and acks it.
 TERMINATE = _NOW + """
@@ -57,6 +71,8 @@ if not st then return false end
 if st == 'queued' or st == 'processing' then
   redis.call('HSET', KEYS[1], 'status', ARGV[1], 'completed_ms', now, 'error', ARGV[2])
   redis.call('PUBLISH', ARGV[3], ARGV[4])
+  local status, ttl = ARGV[1], redis.call('TTL', KEYS[1])
+  if ttl > 0 then """ + _END_EVENT + """ end
 end
 if st == 'queued' then
   local eid = redis.call('HGET', KEYS[1], 'entry_id')
@@ -98,7 +114,7 @@ end
 return {st, now, deadline}
 """
 
-# KEYS: job, stream ; ARGV: group, entry_id, status, ttl, events_channel, job_id, field1, value1, ...
+# KEYS: job, stream, job events ; ARGV: group, entry_id, status, ttl, events_channel, job_id, field1, value1, ...
 # Stores the outcome only if the job is still live, then XACK + XDEL: the ack follows the store.
 FINISH = _NOW + """
 local st = redis.call('HGET', KEYS[1], 'status')
@@ -108,6 +124,8 @@ if st == 'queued' or st == 'processing' then
   for i = 7, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
   redis.call('EXPIRE', KEYS[1], ARGV[4])
   redis.call('PUBLISH', ARGV[5], ARGV[6])
+  local status, ttl = ARGV[3], ARGV[4]
+""" + _END_EVENT + """
   stored = 1
 end
 redis.call('XACK', KEYS[2], ARGV[1], ARGV[2])

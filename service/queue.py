@@ -4,7 +4,9 @@ Redis layout (see keys.py): stream ``{p}:jobs`` with consumer group ``workers``;
 ``{p}:job:{id}`` (status, timestamps, spec, result, raw images, and the encoded files once an
 async read made them) with a TTL; ``{p}:idem:{sha}``
 for Idempotency-Key; completion events on the ``{p}:events`` pub/sub channel (a wake-up hint
-only: the job hash is the truth). Acked entries are XDELed, so XLEN = waiting + pending.
+only: the job hash is the truth); per job a stream ``{p}:jobevents:{id}`` of progress, partial
+images and, last, its end (api/events.py), with the job's TTL. Acked entries are XDELed, so XLEN =
+waiting + pending.
 """
 
 from __future__ import annotations
@@ -131,6 +133,11 @@ class JobQueue:
         h = await self.client.hgetall(self.keys.job(job_id))
         return parse_job(job_id, h) if h else None
 
+    async def read_events(self, job_id: str, after: str, block_ms: int) -> list[tuple[str, dict[bytes, bytes]]]:
+        """A job's events after stream id ``after`` ("0" for all), waiting up to ``block_ms`` for one."""
+        got = await self.client.xread({self.keys.job_events(job_id): after}, count=64, block=block_ms)
+        return [(eid.decode(), fields) for _, entries in got for eid, fields in entries]
+
     async def get_file(self, job_id: str, index: int) -> tuple[JobSpec, bytes | None] | None:
         """A job's spec and its encoded image ``index`` (None until stored), without reading the
         raw images; None if the job no longer exists."""
@@ -151,13 +158,16 @@ class JobQueue:
         -1 the job expired."""
         return int(await self._store_files(keys=[self.keys.job(job_id)], args=[len(files), *files]))
 
-    async def drop_images(self, job_id: str, n: int) -> None:
-        """Forget a delivered job's images; its record (status, metrics) stays until its TTL."""
+    async def drop_images(self, job_id: str, n: int, events: bool = False) -> None:
+        """Forget a delivered job's images; its record (status, metrics) stays until its TTL.
+        ``events``: its event stream (partial images) too."""
         await self._drop_images(keys=[self.keys.job(job_id)], args=[n])
+        if events:
+            await self.client.delete(self.keys.job_events(job_id))
 
     async def terminate(self, job_id: str, status: str, error: dict[str, Any] | None = None) -> str | None:
         """Move a live job to canceled/expired; returns the previous status (None if unknown)."""
-        prev = await self._terminate(keys=[self.keys.job(job_id), self.keys.stream],
+        prev = await self._terminate(keys=[self.keys.job(job_id), self.keys.stream, self.keys.job_events(job_id)],
                                      args=[status, json.dumps(error) if error else "", self.keys.events, job_id])
         return _s(prev)
 

@@ -78,6 +78,10 @@ class ServiceSettings(BaseSettings):
     @property
     def png(self) -> PngParams:
         return PngParams(self.png_compress_level, self.png_strategy, self.png_stored_ratio)
+    progress_events: bool = True
+    """The worker appends a ``progress`` event per scale to each running job's event stream
+    (``GET /v1/jobs/{id}/events``; one Redis round trip per scale for the whole batch). Partial
+    images are sent whenever a request asks for them, whatever this says."""
     block_ms: int = Field(200, ge=10, le=10_000)
     calibrate_realized_speedup: bool = True
     worker_metrics_port: int = Field(9101, ge=0, le=65535)

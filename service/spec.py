@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from typing import Any, Literal
 
@@ -37,6 +38,9 @@ class JobSpec(BaseModel):
     output_format: OutputFormat = "png"
     quality: int | None = None
     route: str = "generate"
+    partial_images: int = 0
+    """Previews per image (0-3): the codes summed so far, decoded after scales spread over the
+    schedule's tokens (``preview_scales``), sent as events of the job."""
 
     @property
     def n(self) -> int:
@@ -50,3 +54,19 @@ class JobSpec(BaseModel):
     def payload_hash(self) -> str:
         """Idempotency fingerprint of what the client asked for."""
         return hashlib.sha256(json.dumps(self.model_dump(), sort_keys=True).encode()).hexdigest()[:32]
+
+
+def preview_scales(grids: tuple[tuple[int, int], ...] | list[tuple[int, int]], k: int) -> list[int]:
+    """Scales after which ``k`` previews are decoded: preview j after the first scale whose tokens
+    so far reach (j + 1) / (k + 1) of the schedule's (tokens track time), never after the last
+    scale (that is the image), each scale once. The last scales hold most tokens, so previews come
+    late: 1024 px (13 scales), k = 3: after 32x32, 40x40 and 48x48; the demo's 7 scales: after
+    6x6, 8x8 and 12x12."""
+    sizes = [h * w for h, w in grids]
+    ends = list(itertools.accumulate(sizes))[:-1]
+    out: list[int] = []
+    for j in range(min(k, len(ends))):
+        goal = (j + 1) / (k + 1) * sum(sizes)
+        reached = [i for i, e in enumerate(ends) if e >= goal and i not in out]
+        out.append(reached[0] if reached else max(i for i in range(len(ends)) if i not in out))
+    return sorted(out)

@@ -185,7 +185,10 @@ class Worker:
         self.metrics.in_flight.set(images)
         try:
             assert self.engine is not None
-            out = self.engine.generate([h.spec for h in live])
+            def events(batch: list[tuple[int, dict[str, Any]]]) -> None:
+                self.queue.add_events([(live[j].entry.job_id, fields) for j, fields in batch])
+
+            out = self.engine.generate([h.spec for h in live], events)
         except Exception as exc:  # a failed batch fails its jobs; it is not retried
             log.exception("batch of %d job(s) failed", len(live))
             for h in live:

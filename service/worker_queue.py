@@ -11,7 +11,7 @@ from typing import Any
 import redis
 from redis.exceptions import ResponseError
 
-from .keys import FINISH, START, Keys
+from .keys import EVENTS_MAXLEN, FINISH, START, Keys
 from .spec import JobSpec
 
 log = logging.getLogger(__name__)
@@ -98,7 +98,8 @@ class WorkerQueue:
         args: list[Any] = [self.keys.group, entry.entry_id, status, self.job_ttl_s, self.keys.events, entry.job_id]
         for k, v in fields.items():
             args += [k, v]
-        return bool(self._finish(keys=[self.keys.job(entry.job_id), self.keys.stream], args=args))
+        return bool(self._finish(keys=[self.keys.job(entry.job_id), self.keys.stream,
+                                       self.keys.job_events(entry.job_id)], args=args))
 
     def fail(self, entry: Entry, status: str, code: str, message: str) -> bool:
         err = json.dumps({"message": message, "type": "server_error", "code": code, "param": None})
@@ -108,6 +109,15 @@ class WorkerQueue:
         self.client.xadd(self.keys.dlq, {"job_id": entry.job_id, "entry_id": entry.entry_id, "reason": reason},
                          maxlen=10_000, approximate=True)
         self.fail(entry, "failed", "dead_lettered", reason)
+
+    def add_events(self, events: list[tuple[str, dict[str, Any]]]) -> None:
+        """Append (job_id, fields) events to their jobs' event streams, in one round trip."""
+        pipe = self.client.pipeline(transaction=False)
+        for job_id, fields in events:
+            key = self.keys.job_events(job_id)
+            pipe.xadd(key, fields, maxlen=EVENTS_MAXLEN, approximate=True)
+            pipe.expire(key, self.job_ttl_s)
+        pipe.execute()
 
     def heartbeat(self, consumer: str, info: dict[str, Any]) -> None:
         self.client.hset(self.keys.workers, consumer, json.dumps({**info, "ts": time.time()}))

@@ -75,7 +75,7 @@ def spec_from_generate(req: GenerateRequest, s: ServiceSettings) -> JobSpec:
                    tau=d.tau if req.temperature is None else req.temperature,
                    top_k=d.top_k if req.top_k is None else req.top_k, top_p=d.top_p if req.top_p is None else req.top_p,
                    pruning=pruning, pruning_label=label, output_format=req.output_format, quality=req.quality,
-                   route="generate")
+                   route="generate", partial_images=req.partial_images)
 
 
 def spec_from_openai(req: OpenAIImageRequest, s: ServiceSettings) -> JobSpec:
@@ -97,7 +97,8 @@ def spec_from_openai(req: OpenAIImageRequest, s: ServiceSettings) -> JobSpec:
                    h_div_w=size.h_div_w, pn=size.pn, width=size.width, height=size.height,
                    cfg=d.cfg if req.guidance_scale is None else req.guidance_scale, tau=d.tau, top_k=d.top_k,
                    top_p=d.top_p, pruning=pruning, pruning_label=label, output_format=fmt,
-                   quality=req.output_compression, route="openai")
+                   quality=req.output_compression, route="openai",
+                   partial_images=req.partial_images if req.stream else 0)
 
 
 def encoded_images(job: Job, png: PngParams = DEFAULT_PNG) -> list[bytes]:

@@ -6,11 +6,12 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any, TypeVar
 
+import anyio
 from fastapi import APIRouter, BackgroundTasks, Depends, Header, Query, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import Receive
 
@@ -21,6 +22,7 @@ from ..spec import TERMINAL, JobSpec
 from . import convert
 from .deps import MetricsDep, NotifierDep, QueueDep, SettingsDep, check_bearer, require_api_key
 from .errors import ApiError
+from .events import job_events, sse
 from .schemas import (
     ErrorResponse,
     GenerateRequest,
@@ -46,6 +48,12 @@ IdemH = Annotated[str | None, Header(alias="Idempotency-Key", max_length=255,
 CancelAfterH = Annotated[str | None, Header(alias="Cancel-After", max_length=16,
                                             description="Deadline: '30', '30s', '2m'; expired jobs never run")]
 AcceptH = Annotated[str | None, Header(description="image/png, image/jpeg or image/webp with n=1: raw image")]
+
+
+DISCONNECT_ERROR = {"message": "the client disconnected before the result", "type": "invalid_request_error",
+                    "param": None, "code": "client_disconnected"}
+DEADLINE_ERROR = {"message": "deadline passed before the job finished", "type": "timeout_error", "param": None,
+                  "code": "deadline_exceeded"}
 
 
 def _duration(value: str | None) -> float | None:
@@ -122,14 +130,16 @@ async def _wait_unless_gone(waiting: Awaitable[Job | None], receive: Receive | N
 
 async def _submit(spec: JobSpec, *, prefer: str | None, idem: str | None, cancel_after: str | None,
                   settings: SettingsDep, queue: QueueDep, notifier: NotifierDep,
-                  metrics: MetricsDep, timing: Timing, receive: Receive | None = None) -> tuple[Job | None, str, float]:
+                  metrics: MetricsDep, timing: Timing, receive: Receive | None = None,
+                  stream: bool = False) -> tuple[Job | None, str, float]:
     """Admit the job; for a synchronous request wait for it. A synchronous client that disconnects
     first (closed tab, client timeout before an SDK retry) cancels its job, so the GPU does not run
-    work nobody will read: unless it sent an Idempotency-Key, whose retry attaches to the same job."""
+    work nobody will read: unless it sent an Idempotency-Key, whose retry attaches to the same job.
+    ``stream``: admitted with the synchronous deadline, not waited for (the caller streams it)."""
     is_async = "respond-async" in (prefer or "").lower()
     deadline = _duration(cancel_after)
     wait_s = settings.sync_timeout_s if deadline is None else min(deadline, settings.sync_timeout_s)
-    timeout = deadline if is_async else wait_s
+    timeout = deadline if is_async and not stream else wait_s
     try:
         t = time.perf_counter()
         job_id, _created = await queue.enqueue(spec, timeout_s=timeout, idempotency_key=idem)
@@ -139,23 +149,19 @@ async def _submit(spec: JobSpec, *, prefer: str | None, idem: str | None, cancel
                        headers={"Retry-After": str(e.retry_after_s)}) from None
     except IdempotencyMismatch as e:
         raise ApiError(422, str(e), param="Idempotency-Key", code="idempotency_key_reused") from None
-    if is_async:
+    if is_async or stream:
         return await queue.get(job_id), job_id, wait_s
     job, gone = await _wait_unless_gone(notifier.wait(job_id, wait_s), receive)
     timing.add("wait", t)
     if gone:
         if idem is None:
-            prev = await queue.terminate(job_id, "canceled", {"message": "the client disconnected before the result",
-                                                              "type": "invalid_request_error", "param": None,
-                                                              "code": "client_disconnected"})
+            prev = await queue.terminate(job_id, "canceled", DISCONNECT_ERROR)
             if prev in ("queued", "processing"):
                 metrics.api_jobs.labels(status="canceled").inc()
         raise ApiError(499, "the client closed the request", code="client_disconnected")
     if job is None or job.terminal:
         return job, job_id, wait_s
-    prev = await queue.terminate(job_id, "expired", {"message": "deadline passed before the job finished",
-                                                     "type": "timeout_error", "param": None,
-                                                     "code": "deadline_exceeded"})
+    prev = await queue.terminate(job_id, "expired", DEADLINE_ERROR)
     if prev in ("queued", "processing"):
         metrics.api_jobs.labels(status="expired").inc()
     return await queue.get(job_id), job_id, wait_s
@@ -275,9 +281,15 @@ async def images_generations(body: OpenAIImageRequest, request: Request, setting
     """OpenAI-compatible image generation (extensions: seed, negative_prompt, guidance_scale, pruning)."""
     timing = Timing()
     spec = convert.spec_from_openai(body, settings)
-    job, job_id, _ = await _submit(spec, prefer=prefer, idem=idem, cancel_after=cancel_after, settings=settings,
-                                   queue=queue, notifier=notifier, metrics=metrics, timing=timing,
-                                   receive=request.receive)
+    stream = body.stream and "respond-async" not in (prefer or "").lower()
+    job, job_id, wait_s = await _submit(spec, prefer=prefer, idem=idem, cancel_after=cancel_after,
+                                        settings=settings, queue=queue, notifier=notifier, metrics=metrics,
+                                        timing=timing, receive=request.receive, stream=stream)
+    if stream:
+        if job is None:
+            raise ApiError(404, f"job {job_id} no longer exists", code="job_not_found")
+        return _event_response(_openai_stream(job, body.quality, time.monotonic() + wait_s, idem, settings, queue,
+                                              metrics))
     if "respond-async" in (prefer or "").lower():
         return await _async_response(job, job_id, settings.png, queue, metrics)
     job = _raise_for(job, job_id)
@@ -285,6 +297,60 @@ async def images_generations(body: OpenAIImageRequest, request: Request, setting
         return await _url_response(job, body.quality, request, settings, queue, metrics, timing, response)
     _delivered(job, idem, settings, queue, background)
     return convert.openai_body(job, await _sync_files(job, settings.png, metrics, timing, response), body.quality)
+
+
+def _event_response(events: AsyncIterator[bytes]) -> StreamingResponse:
+    return StreamingResponse(events, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _openai_stream(job: Job, quality: str | None, deadline: float, idem: str | None, settings: SettingsDep,
+                         queue: JobQueue, metrics: MetricsDep) -> AsyncIterator[bytes]:
+    """OpenAI's image streaming: ``image_generation.partial_image`` events, then one
+    ``image_generation.completed`` per image (``image_index`` and ``seed`` are extensions), or an
+    ``error`` event. The job has the synchronous deadline; a client that leaves first cancels it
+    (unless it sent an Idempotency-Key), and the delivered images leave Redis as after a
+    synchronous response."""
+    sp, ended = job.spec, False
+    shape = {"size": f"{sp.width}x{sp.height}", "quality": quality or "auto", "background": "opaque",
+             "output_format": sp.output_format}
+    try:
+        async for name, data in job_events(job, queue, settings.png, deadline):
+            if name == "partial_image":
+                yield sse("image_generation.partial_image", {
+                    "type": "image_generation.partial_image", "b64_json": data["b64_json"],
+                    "created_at": int(time.time()), **shape, "partial_image_index": data["partial_image_index"],
+                    "image_index": data["image_index"]})
+            elif name == "":
+                yield sse("", {})
+            elif name == "end":
+                ended = True
+                final = data["job"]
+                if final is not None and not final.terminal:  # the deadline passed first
+                    if await queue.terminate(job.id, "expired", DEADLINE_ERROR) in ("queued", "processing"):
+                        metrics.api_jobs.labels(status="expired").inc()
+                    final = await queue.get(job.id)
+                if final is None or final.status != "succeeded" or final.images_dropped:
+                    err = (final.error if final is not None else None) or {
+                        "message": f"job {job.id} ended {final.status if final else 'and expired'}",
+                        "type": "server_error", "param": None, "code": final.status if final else "job_not_found"}
+                    yield sse("error", {"type": "error", "error": err})
+                    return
+                encoded = await _encode_images(final, settings.png)
+                _count_images(metrics, sp.output_format, len(encoded))
+                out = convert.openai_body(final, encoded, quality)
+                for i, item in enumerate(out["data"]):
+                    yield sse("image_generation.completed", {
+                        "type": "image_generation.completed", "b64_json": item["b64_json"],
+                        "created_at": out["created"], **shape, "usage": out["usage"], "image_index": i,
+                        "seed": item["seed"]})
+                if idem is None and not settings.keep_delivered_images:
+                    await queue.drop_images(job.id, len(encoded), events=True)
+    finally:
+        if not ended and idem is None:  # the client left: nobody reads this job
+            with anyio.CancelScope(shield=True):
+                if await queue.terminate(job.id, "canceled", DISCONNECT_ERROR) in ("queued", "processing"):
+                    metrics.api_jobs.labels(status="canceled").inc()
 
 
 async def _url_response(job: Job, quality: str | None, request: Request, settings: SettingsDep, queue: JobQueue,
@@ -338,6 +404,34 @@ async def get_job(job_id: str, settings: SettingsDep, queue: QueueDep, metrics: 
     if job is None:
         raise ApiError(404, f"no job {job_id!r}", param="job_id", code="job_not_found")
     return convert.job_body(job, await _job_files(job, settings.png, queue, metrics))
+
+
+@protected.get("/v1/jobs/{job_id}/events", tags=["jobs"], response_class=StreamingResponse,
+               responses={200: {"content": {"text/event-stream": {}},
+                                "description": "status, progress (per scale), partial_image (if the job asked "
+                                               "for previews), then completed / failed / canceled / expired "
+                                               "with the job (images included), or error"}})
+async def job_events_route(job_id: str, settings: SettingsDep, queue: QueueDep, metrics: MetricsDep) -> Any:
+    """A job's server-sent events: while it runs, every event from its start (a client that connects
+    late or reconnects misses none); the stream ends with the job's final event."""
+    job = await queue.get(job_id) if len(job_id) <= 64 else None
+    if job is None:
+        raise ApiError(404, f"no job {job_id!r}", param="job_id", code="job_not_found")
+
+    async def body() -> AsyncIterator[bytes]:
+        async for name, data in job_events(job, queue, settings.png):
+            if name != "end":
+                yield sse(name, data)
+                continue
+            final: Job | None = data["job"]
+            if final is None:
+                yield sse("error", {"error": {"message": f"job {job_id} no longer exists", "type":
+                                              "invalid_request_error", "param": "job_id", "code": "job_not_found"}})
+                return
+            files = await _job_files(final, settings.png, queue, metrics)
+            yield sse("completed" if final.status == "succeeded" else final.status, convert.job_body(final, files))
+
+    return _event_response(body())
 
 
 @protected.post("/v1/jobs/{job_id}/cancel", response_model=JobModel, tags=["jobs"])

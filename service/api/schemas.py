@@ -49,6 +49,8 @@ class GenerateRequest(SamplingFields):
     n: int = Field(1, ge=1, le=16)
     output_format: OutputFormat = "png"
     quality: int | None = Field(None, ge=1, le=100, description="jpeg/webp quality (default 90)")
+    partial_images: int = Field(0, ge=0, le=3, description="Previews per image, sent as `partial_image` events "
+                                "of GET /v1/jobs/{id}/events (the codes of the scales so far, decoded)")
 
 
 class ImageStats(BaseModel):
@@ -137,6 +139,9 @@ class OpenAIImageRequest(SamplingFields):
     output_compression: int | None = Field(None, ge=0, le=100)
     background: Literal["auto", "opaque", "transparent"] | None = None
     user: str | None = Field(None, max_length=256)
+    stream: bool = Field(False, description="Answer server-sent events: image_generation.partial_image, then "
+                         "image_generation.completed per image")
+    partial_images: int = Field(0, ge=0, le=3, description="With stream: previews per image")
 
 
 class OpenAIImage(BaseModel):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import re
 import time
 
@@ -345,3 +346,63 @@ def test_sync_client_that_disconnects_cancels_its_job(serve: Proc, rclient: redi
     assert not rclient.hexists(gone, "img0")  # canceled while queued behind the busy job: never ran
     assert rclient.hget(kept, "status") == b"succeeded"
     httpx.post(f"{serve.url}/v1/jobs/{busy['id']}/cancel", headers=AUTH)
+
+
+def sse_events(resp: httpx.Response) -> list[tuple[str, dict]]:
+    """(event, data) of a server-sent event stream, keep-alive comments skipped."""
+    out, name = [], None
+    for line in resp.iter_lines():
+        if line.startswith("event: "):
+            name = line[len("event: "):]
+        elif line.startswith("data: "):
+            out.append((name, json.loads(line[len("data: "):])))
+    return out
+
+
+def test_job_events_progress_partial_images_then_result(serve: Proc) -> None:
+    """An async job with partial_images streams status, a progress event per scale but the last,
+    two previews per image (decodable, full size, different from the final image) and its end."""
+    r = post(serve, "/generate", {"prompt": "a kite", "seed": 21, "n": 2, "partial_images": 2},
+             {"Prefer": "respond-async"})
+    assert r.status_code == 202, r.text
+    job_id = r.json()["id"]
+    with httpx.stream("GET", f"{serve.url}/v1/jobs/{job_id}/events", headers=AUTH, timeout=60) as resp:
+        assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(resp)
+    names = [n for n, _ in events]
+    assert names[0] == "status" and names[-1] == "completed", names
+    progress = [d for n, d in events if n == "progress"]
+    assert events[0][1]["status"] in ("queued", "processing")  # connected while it ran (~0.5 s of work)
+    assert [p["scale"] for p in progress] == list(range(1, progress[0]["scales"]))
+    partial = [d for n, d in events if n == "partial_image"]
+    assert sorted((p["image_index"], p["partial_image_index"]) for p in partial) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    for p in partial:
+        img = decode(p["b64_json"])
+        assert img.format == "PNG" and img.size == (256, 256) and p["output_format"] == "png"
+    final = events[-1][1]
+    assert final["status"] == "succeeded" and len(final["output"]) == 2
+    last = [p for p in partial if p["image_index"] == 0 and p["partial_image_index"] == 1][0]
+    assert base64.b64decode(last["b64_json"]) != base64.b64decode(final["output"][0]["b64_json"])
+    # after the end: the job's final state at once
+    with httpx.stream("GET", f"{serve.url}/v1/jobs/{job_id}/events", headers=AUTH, timeout=60) as resp:
+        again = sse_events(resp)
+    assert [n for n, _ in again] == ["status", "completed"] and again[0][1]["status"] == "succeeded"
+    assert httpx.get(f"{serve.url}/v1/jobs/{'0' * 32}/events", headers=AUTH).status_code == 404
+
+
+def test_openai_stream_partial_then_completed(serve: Proc) -> None:
+    before = images_generated(serve)
+    with httpx.stream("POST", f"{serve.url}/v1/images/generations", headers=AUTH, timeout=60,
+                      json={"prompt": "a comet", "seed": 9, "stream": True, "partial_images": 1,
+                            "output_format": "jpeg"}) as resp:
+        assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(resp)
+    assert [n for n, _ in events] == ["image_generation.partial_image", "image_generation.completed"], events
+    partial, done = events[0][1], events[1][1]
+    assert partial["type"] == "image_generation.partial_image" and partial["partial_image_index"] == 0
+    assert decode(partial["b64_json"]).format == "JPEG"
+    assert done["type"] == "image_generation.completed" and done["seed"] == 9 and done["size"] == "256x256"
+    assert decode(done["b64_json"]).size == (256, 256) and done["usage"]["output_tokens"] > 0
+    assert images_generated(serve) == before + 1
+    r = post(serve, "/v1/images/generations", {"prompt": "a comet", "stream": True, "partial_images": 4})
+    assert r.status_code == 422 and r.json()["error"]["param"] == "partial_images"
