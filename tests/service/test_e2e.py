@@ -406,3 +406,26 @@ def test_openai_stream_partial_then_completed(serve: Proc) -> None:
     assert images_generated(serve) == before + 1
     r = post(serve, "/v1/images/generations", {"prompt": "a comet", "stream": True, "partial_images": 4})
     assert r.status_code == 422 and r.json()["error"]["param"] == "partial_images"
+
+
+def test_streaming_client_that_leaves_cancels_its_job(serve: Proc, rclient: redis.Redis) -> None:
+    """A client that drops an OpenAI stream before its end cancels the job (queued behind a busy
+    one: it never runs), as a synchronous one does; with an Idempotency-Key the job stays."""
+    busy = post(serve, "/generate", {"prompt": "busy", "resolution": 512}, {"Prefer": "respond-async"}).json()
+    for prompt, headers in (("stream-gone", {}), ("stream-retrying", {"Idempotency-Key": "stream-retry"})):
+        with pytest.raises(httpx.ReadTimeout), httpx.stream(  # noqa: PT012
+                "POST", f"{serve.url}/v1/images/generations", headers={**AUTH, **headers},
+                json={"prompt": prompt, "size": "512x512", "stream": True, "partial_images": 1},
+                timeout=httpx.Timeout(30, read=0.3)) as resp:
+            assert resp.status_code == 200
+            list(resp.iter_lines())
+    gone, kept = (_job_with_prompt(rclient, serve, p) for p in ("stream-gone", "stream-retrying"))
+    assert gone and kept
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and (rclient.hget(gone, "status") != b"canceled"
+                                           or rclient.hget(kept, "status") != b"succeeded"):
+        time.sleep(0.05)
+    assert rclient.hget(gone, "status") == b"canceled", rclient.hgetall(gone).get(b"status")
+    assert b"client_disconnected" in rclient.hget(gone, "error") and not rclient.hexists(gone, "img0")
+    assert rclient.hget(kept, "status") == b"succeeded"
+    httpx.post(f"{serve.url}/v1/jobs/{busy['id']}/cancel", headers=AUTH)
