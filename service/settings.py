@@ -101,6 +101,10 @@ class ServiceSettings(BaseSettings):
     """Scheme and host that file links start with (``https://images.example.com``); unset: the
     request's own (behind a proxy, uvicorn's --proxy-headers and the Host header decide it)."""
     public_docs: bool = False
+    playground: bool = True
+    """``GET /`` serves a one-page playground (prompt, settings, live progress and previews over the
+    job's events, result and stats). The page is public and holds no secrets; its calls send the API
+    key typed into it."""
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     max_body_bytes: int = Field(65_536, ge=1024)
     max_prompt_chars: int = Field(2000, ge=1, le=32_000)

@@ -7,11 +7,12 @@ import logging
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import anyio
 from fastapi import APIRouter, BackgroundTasks, Depends, Header, Query, Request, Response
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import Receive
 
@@ -454,6 +455,21 @@ async def list_models(request: Request, settings: SettingsDep) -> Any:
     """The served model (OpenAI list shape)."""
     return {"object": "list", "data": [{"id": settings.model_preset, "object": "model",
                                         "created": int(request.app.state.started_at), "owned_by": "ldserve"}]}
+
+
+PLAYGROUND = Path(__file__).with_name("playground.html")
+# the page's own inline script and style, its images as data: URLs, its calls to this origin only
+PLAYGROUND_CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data:; "
+                  "connect-src 'self'; form-action 'none'; frame-ancestors 'none'; base-uri 'none'")
+
+
+@public.get("/", include_in_schema=False)
+async def playground(settings: SettingsDep) -> HTMLResponse:
+    """A one-page playground (settings.playground): generate with live progress and previews."""
+    if not settings.playground:
+        raise ApiError(404, "the playground is turned off (LDSERVE_PLAYGROUND)", code="not_found")
+    return HTMLResponse(PLAYGROUND.read_text(encoding="utf-8"),
+                        headers={"Content-Security-Policy": PLAYGROUND_CSP, "Cache-Control": "no-cache"})
 
 
 @public.get("/health/live", tags=["health"])
