@@ -290,7 +290,7 @@ async def images_generations(body: OpenAIImageRequest, request: Request, setting
         if job is None:
             raise ApiError(404, f"job {job_id} no longer exists", code="job_not_found")
         return _event_response(_openai_stream(job, body.quality, time.monotonic() + wait_s, idem, settings, queue,
-                                              metrics))
+                                              metrics), job.id)
     if "respond-async" in (prefer or "").lower():
         return await _async_response(job, job_id, settings.png, queue, metrics)
     job = _raise_for(job, job_id)
@@ -300,9 +300,9 @@ async def images_generations(body: OpenAIImageRequest, request: Request, setting
     return convert.openai_body(job, await _sync_files(job, settings.png, metrics, timing, response), body.quality)
 
 
-def _event_response(events: AsyncIterator[bytes]) -> StreamingResponse:
+def _event_response(events: AsyncIterator[bytes], job_id: str) -> StreamingResponse:
     return StreamingResponse(events, media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "x-job-id": job_id})
 
 
 async def _openai_stream(job: Job, quality: str | None, deadline: float, idem: str | None, settings: SettingsDep,
@@ -432,7 +432,7 @@ async def job_events_route(job_id: str, settings: SettingsDep, queue: QueueDep, 
             files = await _job_files(final, settings.png, queue, metrics)
             yield sse("completed" if final.status == "succeeded" else final.status, convert.job_body(final, files))
 
-    return _event_response(body())
+    return _event_response(body(), job.id)
 
 
 @protected.post("/v1/jobs/{job_id}/cancel", response_model=JobModel, tags=["jobs"])

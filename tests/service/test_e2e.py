@@ -335,7 +335,14 @@ def test_sync_client_that_disconnects_cancels_its_job(serve: Proc, rclient: redi
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(f"{serve.url}/generate", json={"prompt": prompt, "resolution": 512},
                        headers={**AUTH, **headers}, timeout=httpx.Timeout(30, read=0.3))
-    gone, kept = (_job_with_prompt(rclient, serve, p) for p in ("gone-away", "gone-but-retrying"))
+    assert_left_canceled_kept_ran(serve, rclient, "gone-away", "gone-but-retrying")
+    httpx.post(f"{serve.url}/v1/jobs/{busy['id']}/cancel", headers=AUTH)
+
+
+def assert_left_canceled_kept_ran(serve: Proc, rclient: redis.Redis, gone_prompt: str, kept_prompt: str) -> None:
+    """The job of the client that left without Idempotency-Key ends canceled without having run
+    (it was queued behind a busy job); the idempotent one's succeeds."""
+    gone, kept = (_job_with_prompt(rclient, serve, p) for p in (gone_prompt, kept_prompt))
     assert gone and kept
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and (rclient.hget(gone, "status") != b"canceled"
@@ -343,9 +350,8 @@ def test_sync_client_that_disconnects_cancels_its_job(serve: Proc, rclient: redi
         time.sleep(0.05)
     assert rclient.hget(gone, "status") == b"canceled", rclient.hgetall(gone).get(b"status")
     assert b"client_disconnected" in rclient.hget(gone, "error")
-    assert not rclient.hexists(gone, "img0")  # canceled while queued behind the busy job: never ran
+    assert not rclient.hexists(gone, "img0")
     assert rclient.hget(kept, "status") == b"succeeded"
-    httpx.post(f"{serve.url}/v1/jobs/{busy['id']}/cancel", headers=AUTH)
 
 
 def sse_events(resp: httpx.Response) -> list[tuple[str, dict]]:
@@ -390,13 +396,14 @@ def test_job_events_progress_partial_images_then_result(serve: Proc) -> None:
     assert httpx.get(f"{serve.url}/v1/jobs/{'0' * 32}/events", headers=AUTH).status_code == 404
 
 
-def test_openai_stream_partial_then_completed(serve: Proc) -> None:
+def test_openai_stream_partial_then_completed(serve: Proc, rclient: redis.Redis) -> None:
     before = images_generated(serve)
     with httpx.stream("POST", f"{serve.url}/v1/images/generations", headers=AUTH, timeout=60,
                       json={"prompt": "a comet", "seed": 9, "stream": True, "partial_images": 1,
                             "output_format": "jpeg"}) as resp:
         assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/event-stream")
         events = sse_events(resp)
+        job_id = resp.headers["x-job-id"]
     assert [n for n, _ in events] == ["image_generation.partial_image", "image_generation.completed"], events
     partial, done = events[0][1], events[1][1]
     assert partial["type"] == "image_generation.partial_image" and partial["partial_image_index"] == 0
@@ -404,6 +411,10 @@ def test_openai_stream_partial_then_completed(serve: Proc) -> None:
     assert done["type"] == "image_generation.completed" and done["seed"] == 9 and done["size"] == "256x256"
     assert decode(done["b64_json"]).size == (256, 256) and done["usage"]["output_tokens"] > 0
     assert images_generated(serve) == before + 1
+    delivered = httpx.get(f"{serve.url}/v1/jobs/{job_id}", headers=AUTH).json()  # dropped once streamed
+    assert delivered["status"] == "succeeded" and delivered["output_delivered"] and delivered["output"] is None
+    prefix = serve.env["LDSERVE_KEY_PREFIX"]
+    assert not rclient.exists(f"{prefix}:jobevents:{job_id}")  # its partial images too
     r = post(serve, "/v1/images/generations", {"prompt": "a comet", "stream": True, "partial_images": 4})
     assert r.status_code == 422 and r.json()["error"]["param"] == "partial_images"
 
@@ -419,13 +430,5 @@ def test_streaming_client_that_leaves_cancels_its_job(serve: Proc, rclient: redi
                 timeout=httpx.Timeout(30, read=0.3)) as resp:
             assert resp.status_code == 200
             list(resp.iter_lines())
-    gone, kept = (_job_with_prompt(rclient, serve, p) for p in ("stream-gone", "stream-retrying"))
-    assert gone and kept
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and (rclient.hget(gone, "status") != b"canceled"
-                                           or rclient.hget(kept, "status") != b"succeeded"):
-        time.sleep(0.05)
-    assert rclient.hget(gone, "status") == b"canceled", rclient.hgetall(gone).get(b"status")
-    assert b"client_disconnected" in rclient.hget(gone, "error") and not rclient.hexists(gone, "img0")
-    assert rclient.hget(kept, "status") == b"succeeded"
+    assert_left_canceled_kept_ran(serve, rclient, "stream-gone", "stream-retrying")
     httpx.post(f"{serve.url}/v1/jobs/{busy['id']}/cancel", headers=AUTH)
