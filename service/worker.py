@@ -186,7 +186,10 @@ class Worker:
         try:
             assert self.engine is not None
             def events(batch: list[tuple[int, dict[str, Any]]]) -> None:
-                self.queue.add_events([(live[j].entry.job_id, fields) for j, fields in batch])
+                try:  # progress is a courtesy: a Redis error here must not fail the batch
+                    self.queue.add_events([(live[j].entry.job_id, fields) for j, fields in batch])
+                except redis.RedisError as e:
+                    log.warning("could not write progress events: %s", e)
 
             out = self.engine.generate([h.spec for h in live], events)
         except Exception as exc:  # a failed batch fails its jobs; it is not retried

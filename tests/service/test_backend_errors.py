@@ -78,3 +78,28 @@ def test_worker_survives_redis_refusing_its_result(backend: tuple[EmbeddedRedis,
         assert w.proc.poll() is None and httpx.get(f"{api.url}/health/ready").status_code == 200
     finally:
         w.stop()
+
+
+def test_refused_progress_events_do_not_fail_the_batch(backend: tuple[EmbeddedRedis, Proc, str],
+                                                       tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Redis refuses writes for a moment mid-batch: the progress events of those scales are lost,
+    the job is not (it succeeds on its first delivery once Redis takes writes again)."""
+    server, api, prefix = backend
+    w = start("worker", base_env(server.url, prefix, api_keys="", worker_metrics_port=0),
+              tmp_path_factory.mktemp("progress_worker"))
+    try:
+        wait_for(lambda: httpx.get(f"{api.url}/health/ready").status_code == 200, 120, "worker ready", w)
+        r = redis.Redis.from_url(server.url)
+        r.config_set("maxmemory-policy", "noeviction")
+        job_id = httpx.post(f"{api.url}/generate", json={"prompt": "progress", "resolution": 512},
+                            headers={"Prefer": "respond-async"}, timeout=30).json()["id"]
+        key = f"{prefix}:job:{job_id}"
+        wait_for(lambda: r.exists(f"{prefix}:jobevents:{job_id}"), 30, "first progress event", w, interval=0.005)
+        r.config_set("maxmemory", "1")
+        wait_for(lambda: b"could not write progress events" in w.log.read_bytes(), 30, "a refused event", w,
+                 interval=0.005)
+        r.config_set("maxmemory", "0")
+        wait_for(lambda: r.hget(key, "status") in (b"succeeded", b"failed"), 60, "the job's end", w)
+        assert r.hget(key, "status") == b"succeeded" and int(r.hget(key, "deliveries")) == 1
+    finally:
+        w.stop()
