@@ -13,7 +13,8 @@
 # Stage budgets in seconds: BENCH_S (200; 0 skips the benchmarks), VAE_S (90; 0 skips the VAE and keeps the shipped one),
 # TF_S (200), TF2_S (0: no stage 5). Transformer run: TF_BATCH (64), TF_LR (5e-4), TF_SEED (data seed,
 # 3), FLIP_MAX (0: no bitwise self-correction),
-# TF_REPLAY (0: no replay buffer; else its size in images), TF_AMP (empty, or bf16), TF_SAVE_EVERY (0). BENCH_ARGS adds gpu_bench flags (e.g. --diagnose).
+# TF_REPLAY (0: no replay buffer; else its size in images), TF_AMP (empty, or bf16), TF_SAVE_EVERY (0),
+# TF_LAST_W (1: the last scale's loss weight among the per-scale means). BENCH_ARGS adds gpu_bench flags (e.g. --diagnose).
 # As run on 2026-11-26: BENCH_S=160 VAE_S=90 TF_S=195 (421 s), then stage 5 (198 s) as a second command;
 # in the next session stage 6 (demo/README.md), where BENCH_S=150 with --diagnose ended before the 8B rows;
 # stage 7: BENCH_S=0 VAE_S=0 TF_S=420 TF_BATCH=512 TF_SEED=7 FLIP_MAX=0.15 TF_REPLAY=500000 TF_AMP=bf16.
@@ -90,7 +91,7 @@ run $(( ${TF_S:-200} + 100 )) $PY -m demo.train transformer --device "$DEV" --wo
     --minutes "$(awk "BEGIN{print ${TF_S:-200}/60}")" --steps 100000 --batch-size "${TF_BATCH:-64}" --lr "${TF_LR:-5e-4}" \
     --per-scale-loss --flip-max "${FLIP_MAX:-0}" --init-transformer "$INIT_TF" --vae "$WORK/tf/vae.safetensors" \
     --data-seed "${TF_SEED:-3}" --replay "${TF_REPLAY:-0}" ${TF_AMP:+--amp "$TF_AMP"} --out "$WORK/tf" \
-    --log-every 200 --save-every "${TF_SAVE_EVERY:-0}"
+    --log-every 200 --save-every "${TF_SAVE_EVERY:-0}" --last-scale-weight "${TF_LAST_W:-1}"
 if [ "${TF2_S:-0}" -gt 0 ]; then  # stage 5 (what the shipped weights got): one call cannot hold both
   stage "transformer stage 5"
   cp "$WORK/tf/transformer.safetensors" "$WORK/tf_stage4.safetensors"

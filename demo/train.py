@@ -44,6 +44,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--cond-drop", type=float, default=0.1, help="probability of the unconditional text")
     g.add_argument("--per-scale-loss", action="store_true", help="mean over scales of each scale's mean loss")
     g.add_argument("--init-transformer", type=Path, help="continue from this transformer.safetensors")
+    g.add_argument("--last-scale-weight", type=float, default=1.0,
+                   help="with --per-scale-loss: the last scale's loss counts this many times (shapes are decided "
+                        "there: python -m demo.evaluate teacher)")
     g.add_argument("--flip-max", type=float, default=0.0,
                    help="bitwise self-correction: each row flips fed bits with probability U(0, flip-max)")
     g.add_argument("--replay", type=int, default=0,
@@ -74,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
 
         train_transformer(args, a.vae or a.out / "vae.safetensors", cond_drop=a.cond_drop,
                           per_scale_loss=a.per_scale_loss, init=a.init_transformer, stop_after=a.stop_after,
-                          flip_max=a.flip_max, replay=a.replay, amp=a.amp)
+                          flip_max=a.flip_max, replay=a.replay, amp=a.amp, last_scale_weight=a.last_scale_weight)
 
 
 if __name__ == "__main__":

@@ -157,13 +157,15 @@ def drop_text(tf: InfinityTransformer, text: TextCond, drop_B: torch.Tensor) -> 
     return TextCond(feats, text.lens_B)
 
 
-def bitwise_loss(logits_BLV: torch.Tensor, labels_BLD: torch.Tensor,
-                 scale_sizes: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def bitwise_loss(logits_BLV: torch.Tensor, labels_BLD: torch.Tensor, scale_sizes: list[int] | None = None,
+                 last_scale_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Bitwise cross-entropy and the per-token bit accuracy (B, L).
 
     Without ``scale_sizes`` the mean over every bit of every token; with them the mean over
     scales of each scale's mean, so the 1x1 scale that fixes the background (1 token of 521)
-    weighs as much as the 16x16 one (256 tokens).
+    weighs as much as the 16x16 one (256 tokens). ``last_scale_weight`` (with ``scale_sizes``)
+    weighs the last scale's mean that many times as much as any other's (a weighted mean): the
+    demo's shapes are decided there alone (``demo.evaluate teacher``).
     """
     logits_BLD2 = logits_BLV.view(*labels_BLD.shape, 2)
     ce_BLD = F.cross_entropy(logits_BLD2.reshape(-1, 2), labels_BLD.reshape(-1), reduction="none")
@@ -171,7 +173,10 @@ def bitwise_loss(logits_BLV: torch.Tensor, labels_BLD: torch.Tensor,
     if scale_sizes is None:
         loss = ce_BL.mean()
     else:
-        loss = torch.stack([c.mean() for c in ce_BL.split(scale_sizes, dim=1)]).mean()
+        per_scale = torch.stack([c.mean() for c in ce_BL.split(scale_sizes, dim=1)])
+        w = torch.ones_like(per_scale)
+        w[-1] = last_scale_weight
+        loss = (per_scale * w).sum() / w.sum()
     acc_BL = (logits_BLD2.argmax(-1) == labels_BLD).float().mean(-1)
     return loss, acc_BL
 
@@ -180,7 +185,8 @@ def train_transformer(args: TrainArgs, vae_path: str | Path, *, cfg: Transformer
                       vae_cfg: VAEConfig = DEMO_PRESET.vae, cond_drop: float = 0.1,
                       text_encoder_dir: Path | None = None, per_scale_loss: bool = False,
                       init: str | Path | None = None, stop_after: int | None = None,
-                      flip_max: float = 0.0, replay: int = 0, amp: str | None = None) -> InfinityTransformer:
+                      flip_max: float = 0.0, replay: int = 0, amp: str | None = None,
+                      last_scale_weight: float = 1.0) -> InfinityTransformer:
     """Writes ``<out>/transformer.safetensors``, ``transformer.json`` and ``<out>/text_encoder/``.
 
     ``replay`` > 0 keeps that many encoded images in a ``ReplayBuffer`` on the device: each step
@@ -191,6 +197,10 @@ def train_transformer(args: TrainArgs, vae_path: str | Path, *, cfg: Transformer
     """
     if amp not in (None, "bf16"):
         raise ValueError(f"amp must be None or 'bf16', got {amp!r}")
+    if last_scale_weight != 1.0 and not per_scale_loss:
+        raise ValueError("last_scale_weight needs per_scale_loss (it weighs per-scale means)")
+    if last_scale_weight <= 0:
+        raise ValueError(f"last_scale_weight must be > 0, got {last_scale_weight}")
     seed_everything(args.seed)
     grids = SCHEDULE
     dev = torch.device(args.device)
@@ -207,7 +217,8 @@ def train_transformer(args: TrainArgs, vae_path: str | Path, *, cfg: Transformer
     sizes = [h * w for h, w in grids]
     args = replace(args, extra={**args.extra, "vae": str(vae_path), "cond_drop": cond_drop,
                                 "per_scale_loss": per_scale_loss, "init": str(init) if init else None,
-                                "stop_after": stop_after, "flip_max": flip_max, "replay": replay, "amp": amp})
+                                "stop_after": stop_after, "flip_max": flip_max, "replay": replay, "amp": amp,
+                                "last_scale_weight": last_scale_weight})
     opt = make_optimizer(tf, args.lr, args.weight_decay)
     # flips and text drops drawn where they are used (the CPU generator on a CPU, as every CPU run had)
     gen = torch.Generator(dev).manual_seed(args.seed + 1) if dev.type == "cuda" else \
@@ -248,7 +259,8 @@ def train_transformer(args: TrainArgs, vae_path: str | Path, *, cfg: Transformer
             text = drop_text(tf, enc.encode(captions).to(dev), drop_B)
             with autocast():
                 logits_BLV = tf.forward_train(text, x_BLd, grids, rope)
-                loss, acc_BL = bitwise_loss(logits_BLV, labels_BLD, sizes if per_scale_loss else None)
+                loss, acc_BL = bitwise_loss(logits_BLV, labels_BLD, sizes if per_scale_loss else None,
+                                            last_scale_weight)
             acc_S = torch.stack([a.mean() for a in acc_BL.split(sizes, dim=1)])
             norm = optimizer_step(tf, opt, loss, step, args, sync=False)
             row = torch.cat([loss.detach().float().view(1), acc_S.float(), norm.float().view(1)]).tolist()  # one sync

@@ -81,6 +81,8 @@ def test_per_scale_loss_weighs_scales_equally() -> None:
     per_scale, _ = bitwise_loss(logits_BLD2.view(1, 5, 6), labels_BLD, [1, 4])
     assert per_token == pytest.approx(float(wrong + 4 * right) / 5, rel=1e-5)
     assert per_scale == pytest.approx(float(wrong + right) / 2, rel=1e-5)
+    last3, _ = bitwise_loss(logits_BLD2.view(1, 5, 6), labels_BLD, [1, 4], last_scale_weight=3.0)
+    assert last3 == pytest.approx(float(wrong + 3 * right) / 4, rel=1e-5)
     assert acc_BL.tolist() == [[0.0, 1.0, 1.0, 1.0, 1.0]]
 
 
