@@ -14,7 +14,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from ..imaging import PngParams, b64, encode
+from ..imaging import PngParams, b64, encode, run_encode
 from ..queue import Job, JobQueue
 
 KEEPALIVE_S = 15.0
@@ -56,8 +56,9 @@ async def job_events(job: Job, queue: JobQueue, png: PngParams, deadline: float 
             if kind in ("progress", "partial_image"):
                 data = json.loads(fields[b"data"])
                 if kind == "partial_image":
-                    data["b64_json"] = b64(encode(fields[b"img"], data["width"], data["height"], sp.output_format,
-                                                  sp.quality, png))
+                    data["b64_json"] = b64(await run_encode(data["width"] * data["height"], encode, fields[b"img"],
+                                                            data["width"], data["height"], sp.output_format,
+                                                            sp.quality, png))
                     data["output_format"] = sp.output_format
                 yield kind, data
             else:  # the job's end, written with its final status

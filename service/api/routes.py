@@ -6,7 +6,7 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -17,7 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import Receive
 
 from .. import file_urls
-from ..imaging import MEDIA_TYPES, PngParams, encode
+from ..imaging import MEDIA_TYPES, PngParams, encode, run_encode
 from ..queue import IdempotencyMismatch, Job, JobQueue, QueueFull
 from ..spec import TERMINAL, JobSpec
 from . import convert
@@ -187,21 +187,9 @@ async def _async_response(job: Job | None, job_id: str, png: PngParams, queue: J
     return JSONResponse(convert.job_body(job, files), status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
 
 
-# Up to this many pixels per response are encoded on the event loop (a 128 px demo picture: ~1 ms
-# as PNG at level 1); a thread handoff costs about as much on a busy 2-core host. Larger ones go
-# to a thread so one big PNG does not stall every other request.
-INLINE_ENCODE_PIXELS = 128 * 128
-
-
-async def _run_encode(pixels: int, fn: Callable[..., T], *args: Any) -> T:
-    """``fn(*args)`` on the event loop for at most INLINE_ENCODE_PIXELS pixels, else in a thread."""
-    if pixels <= INLINE_ENCODE_PIXELS:
-        return fn(*args)
-    return await asyncio.to_thread(fn, *args)
-
 
 async def _encode_images(job: Job, png: PngParams) -> list[bytes]:
-    return await _run_encode(job.spec.width * job.spec.height * len(job.images), convert.encoded_images,
+    return await run_encode(job.spec.width * job.spec.height * len(job.images), convert.encoded_images,
                              job, png)
 
 
@@ -263,7 +251,7 @@ async def generate(body: GenerateRequest, request: Request, settings: SettingsDe
     _delivered(job, idem, settings, queue, background)
     if raw_fmt:
         t = time.perf_counter()
-        data = await _run_encode(spec.width * spec.height, encode, job.images[0], spec.width, spec.height, raw_fmt,
+        data = await run_encode(spec.width * spec.height, encode, job.images[0], spec.width, spec.height, raw_fmt,
                                  spec.quality, settings.png)
         timing.add("encode", t)
         _count_images(metrics, raw_fmt, 1)
