@@ -8,7 +8,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import anyio
 from fastapi import APIRouter, BackgroundTasks, Depends, Header, Query, Request, Response
@@ -37,7 +37,6 @@ from .schemas import (
 )
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 ERRORS: dict[int | str, dict[str, Any]] = {c: {"model": ErrorResponse} for c in (400, 401, 404, 409, 413, 422, 429,
                                                                                   500, 503, 504)}
 protected = APIRouter(dependencies=[Depends(require_api_key)], responses=ERRORS)
