@@ -47,7 +47,8 @@ IdemH = Annotated[str | None, Header(alias="Idempotency-Key", max_length=255,
                                      description="Retries with the same key and body return the same job")]
 CancelAfterH = Annotated[str | None, Header(alias="Cancel-After", max_length=16,
                                             description="Deadline: '30', '30s', '2m'; expired jobs never run")]
-AcceptH = Annotated[str | None, Header(description="image/png, image/jpeg or image/webp with n=1: raw image")]
+AcceptH = Annotated[str | None, Header(description="image/png, image/jpeg or image/webp with n=1: raw image; "
+                                                   "text/event-stream: the job's events, as GET /v1/jobs/{id}/events")]
 
 
 DISCONNECT_ERROR = {"message": "the client disconnected before the result", "type": "invalid_request_error",
@@ -229,7 +230,8 @@ async def _sync_files(job: Job, png: PngParams, metrics: MetricsDep, timing: Tim
 
 
 @protected.post("/generate", response_model=GenerateResponse, status_code=200, tags=["generate"],
-                responses={202: {"model": JobModel}, 200: {"content": {m: {} for m in MEDIA_TYPES.values()}}})
+                responses={202: {"model": JobModel},
+                           200: {"content": {**{m: {} for m in MEDIA_TYPES.values()}, "text/event-stream": {}}}})
 async def generate(body: GenerateRequest, request: Request, settings: SettingsDep, queue: QueueDep,
                    notifier: NotifierDep,
                    metrics: MetricsDep, response: Response, background: BackgroundTasks, prefer: PreferH = None,
@@ -237,6 +239,14 @@ async def generate(body: GenerateRequest, request: Request, settings: SettingsDe
     """Generate images; synchronous by default (waits up to the server deadline)."""
     timing = Timing()
     spec = convert.spec_from_generate(body, settings)
+    if "text/event-stream" in (accept or "").lower() and "respond-async" not in (prefer or "").lower():
+        job, job_id, wait_s = await _submit(spec, prefer=prefer, idem=idem, cancel_after=cancel_after,
+                                            settings=settings, queue=queue, notifier=notifier, metrics=metrics,
+                                            timing=timing, stream=True)
+        if job is None:
+            raise ApiError(404, f"job {job_id} no longer exists", code="job_not_found")
+        return _event_response(_native_events(job, settings, queue, metrics, deadline=time.monotonic() + wait_s,
+                                              owner=True, idem=idem), job.id)
     raw_fmt = _accept_image(accept)
     if raw_fmt and spec.n != 1:
         raise ApiError(406, "a raw image response needs n=1; use Accept: application/json", param="n",
@@ -292,6 +302,56 @@ def _event_response(events: AsyncIterator[bytes], job_id: str) -> StreamingRespo
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "x-job-id": job_id})
 
 
+async def _expire_if_live(job_id: str, queue: JobQueue, metrics: MetricsDep) -> Job | None:
+    """A streamed job whose deadline passed first ends expired (as a synchronous one); the job now."""
+    if await queue.terminate(job_id, "expired", DEADLINE_ERROR) in ("queued", "processing"):
+        metrics.api_jobs.labels(status="expired").inc()
+    return await queue.get(job_id)
+
+
+async def _cancel_left(job_id: str, queue: JobQueue, metrics: MetricsDep) -> None:
+    """The client of a streamed job left before its end: nobody reads the job, cancel it (shielded:
+    this runs while the response task is being cancelled)."""
+    with anyio.CancelScope(shield=True):
+        if await queue.terminate(job_id, "canceled", DISCONNECT_ERROR) in ("queued", "processing"):
+            metrics.api_jobs.labels(status="canceled").inc()
+
+
+async def _native_events(job: Job, settings: SettingsDep, queue: JobQueue, metrics: MetricsDep, *,
+                         deadline: float | None = None, owner: bool = False,
+                         idem: str | None = None) -> AsyncIterator[bytes]:
+    """Our event stream of a job (``job_events``), ending with ``completed`` (or the job's final
+    status) and the job's body, images included. ``owner``: the stream is the request that made
+    the job (``POST /generate`` with ``Accept: text/event-stream``), with its deadline: leaving
+    first cancels the job and delivered images leave Redis, unless it sent an Idempotency-Key."""
+    ended = False
+    try:
+        async for name, data in job_events(job, queue, settings.png, deadline):
+            if name != "end":
+                yield sse(name, data)
+                continue
+            ended = True
+            final: Job | None = data["job"]
+            if final is not None and not final.terminal:
+                final = await _expire_if_live(job.id, queue, metrics)
+            if final is None:
+                yield sse("error", {"error": {"message": f"job {job.id} no longer exists", "type":
+                                              "invalid_request_error", "param": "job_id", "code": "job_not_found"}})
+                return
+            drop = owner and idem is None and not settings.keep_delivered_images
+            if drop and final.status == "succeeded" and not final.images_dropped:
+                files: list[bytes] | None = await _encode_images(final, settings.png)
+                _count_images(metrics, final.spec.output_format, len(files))
+            else:
+                files = await _job_files(final, settings.png, queue, metrics)
+            yield sse("completed" if final.status == "succeeded" else final.status, convert.job_body(final, files))
+            if drop and files:
+                await queue.drop_images(job.id, len(files), events=True)
+    finally:
+        if owner and not ended and idem is None:
+            await _cancel_left(job.id, queue, metrics)
+
+
 async def _openai_stream(job: Job, quality: str | None, deadline: float, idem: str | None, settings: SettingsDep,
                          queue: JobQueue, metrics: MetricsDep) -> AsyncIterator[bytes]:
     """OpenAI's image streaming: ``image_generation.partial_image`` events, then one
@@ -315,9 +375,7 @@ async def _openai_stream(job: Job, quality: str | None, deadline: float, idem: s
                 ended = True
                 final = data["job"]
                 if final is not None and not final.terminal:  # the deadline passed first
-                    if await queue.terminate(job.id, "expired", DEADLINE_ERROR) in ("queued", "processing"):
-                        metrics.api_jobs.labels(status="expired").inc()
-                    final = await queue.get(job.id)
+                    final = await _expire_if_live(job.id, queue, metrics)
                 if final is None or final.status != "succeeded" or final.images_dropped:
                     err = (final.error if final is not None else None) or {
                         "message": f"job {job.id} ended {final.status if final else 'and expired'}",
@@ -336,9 +394,7 @@ async def _openai_stream(job: Job, quality: str | None, deadline: float, idem: s
                     await queue.drop_images(job.id, len(encoded), events=True)
     finally:
         if not ended and idem is None:  # the client left: nobody reads this job
-            with anyio.CancelScope(shield=True):
-                if await queue.terminate(job.id, "canceled", DISCONNECT_ERROR) in ("queued", "processing"):
-                    metrics.api_jobs.labels(status="canceled").inc()
+            await _cancel_left(job.id, queue, metrics)
 
 
 async def _url_response(job: Job, quality: str | None, request: Request, settings: SettingsDep, queue: JobQueue,
@@ -406,20 +462,7 @@ async def job_events_route(job_id: str, settings: SettingsDep, queue: QueueDep, 
     if job is None:
         raise ApiError(404, f"no job {job_id!r}", param="job_id", code="job_not_found")
 
-    async def body() -> AsyncIterator[bytes]:
-        async for name, data in job_events(job, queue, settings.png):
-            if name != "end":
-                yield sse(name, data)
-                continue
-            final: Job | None = data["job"]
-            if final is None:
-                yield sse("error", {"error": {"message": f"job {job_id} no longer exists", "type":
-                                              "invalid_request_error", "param": "job_id", "code": "job_not_found"}})
-                return
-            files = await _job_files(final, settings.png, queue, metrics)
-            yield sse("completed" if final.status == "succeeded" else final.status, convert.job_body(final, files))
-
-    return _event_response(body(), job.id)
+    return _event_response(_native_events(job, settings, queue, metrics), job.id)
 
 
 @protected.post("/v1/jobs/{job_id}/cancel", response_model=JobModel, tags=["jobs"])

@@ -432,3 +432,22 @@ def test_streaming_client_that_leaves_cancels_its_job(serve: Proc, rclient: redi
             list(resp.iter_lines())
     assert_left_canceled_kept_ran(serve, rclient, "stream-gone", "stream-retrying")
     httpx.post(f"{serve.url}/v1/jobs/{busy['id']}/cancel", headers=AUTH)
+
+
+def test_generate_as_an_event_stream(serve: Proc, rclient: redis.Redis) -> None:
+    """POST /generate with Accept: text/event-stream: the job's events in one call, ending with the
+    job and its images, which then leave Redis as after a synchronous response."""
+    before = images_generated(serve)
+    with httpx.stream("POST", f"{serve.url}/generate", headers={**AUTH, "Accept": "text/event-stream"}, timeout=60,
+                      json={"prompt": "a lantern", "seed": 4, "partial_images": 1}) as resp:
+        assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(resp)
+        job_id = resp.headers["x-job-id"]
+    names = [n for n, _ in events]
+    assert names[0] == "status" and names[-1] == "completed" and names.count("partial_image") == 1, names
+    assert names.count("progress") == events[1][1]["scales"] - 1
+    final = events[-1][1]
+    assert final["id"] == job_id and decode(final["output"][0]["b64_json"]).size == (256, 256)
+    assert images_generated(serve) == before + 1
+    prefix = serve.env["LDSERVE_KEY_PREFIX"]
+    assert not rclient.hexists(f"{prefix}:job:{job_id}", "img0") and not rclient.exists(f"{prefix}:jobevents:{job_id}")
