@@ -52,6 +52,8 @@ class ApiMetrics:
         self.images_generated = Counter(f"{P}_images_generated", "Images encoded and returned",
                                         ["output_format"], registry=registry)
         self.api_jobs = Counter(f"{P}_jobs", "Jobs reaching a terminal status", ["status"], registry=registry)
+        self.event_streams = Gauge(f"{P}_event_streams_open", "Server-sent event streams this API process holds "
+                                   "open (each waits on its own Redis connection)", registry=registry)
         self.queue = QueueCollector()
         registry.register(self.queue)
 

@@ -246,7 +246,7 @@ async def generate(body: GenerateRequest, request: Request, settings: SettingsDe
         if job is None:
             raise ApiError(404, f"job {job_id} no longer exists", code="job_not_found")
         return _event_response(_native_events(job, settings, queue, metrics, deadline=time.monotonic() + wait_s,
-                                              owner=True, idem=idem), job.id)
+                                              owner=True, idem=idem), job.id, metrics)
     raw_fmt = _accept_image(accept)
     if raw_fmt and spec.n != 1:
         raise ApiError(406, "a raw image response needs n=1; use Accept: application/json", param="n",
@@ -287,7 +287,7 @@ async def images_generations(body: OpenAIImageRequest, request: Request, setting
         if job is None:
             raise ApiError(404, f"job {job_id} no longer exists", code="job_not_found")
         return _event_response(_openai_stream(job, body.quality, time.monotonic() + wait_s, idem, settings, queue,
-                                              metrics), job.id)
+                                              metrics), job.id, metrics)
     if "respond-async" in (prefer or "").lower():
         return await _async_response(job, job_id, settings.png, queue, metrics)
     job = _raise_for(job, job_id)
@@ -297,8 +297,16 @@ async def images_generations(body: OpenAIImageRequest, request: Request, setting
     return convert.openai_body(job, await _sync_files(job, settings.png, metrics, timing, response), body.quality)
 
 
-def _event_response(events: AsyncIterator[bytes], job_id: str) -> StreamingResponse:
-    return StreamingResponse(events, media_type="text/event-stream",
+def _event_response(events: AsyncIterator[bytes], job_id: str, metrics: MetricsDep) -> StreamingResponse:
+    async def counted() -> AsyncIterator[bytes]:
+        metrics.event_streams.inc()
+        try:
+            async for chunk in events:
+                yield chunk
+        finally:
+            metrics.event_streams.dec()
+
+    return StreamingResponse(counted(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "x-job-id": job_id})
 
 
@@ -462,7 +470,7 @@ async def job_events_route(job_id: str, settings: SettingsDep, queue: QueueDep, 
     if job is None:
         raise ApiError(404, f"no job {job_id!r}", param="job_id", code="job_not_found")
 
-    return _event_response(_native_events(job, settings, queue, metrics), job.id)
+    return _event_response(_native_events(job, settings, queue, metrics), job.id, metrics)
 
 
 @protected.post("/v1/jobs/{job_id}/cancel", response_model=JobModel, tags=["jobs"])

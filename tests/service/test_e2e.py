@@ -438,11 +438,16 @@ def test_generate_as_an_event_stream(serve: Proc, rclient: redis.Redis) -> None:
     """POST /generate with Accept: text/event-stream: the job's events in one call, ending with the
     job and its images, which then leave Redis as after a synchronous response."""
     before = images_generated(serve)
+    open_streams = lambda: metric(httpx.get(f"{serve.url}/metrics", headers=AUTH).text,  # noqa: E731
+                                  "ldserve_event_streams_open")
+    assert open_streams() == 0
     with httpx.stream("POST", f"{serve.url}/generate", headers={**AUTH, "Accept": "text/event-stream"}, timeout=60,
                       json={"prompt": "a lantern", "seed": 4, "partial_images": 1}) as resp:
         assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/event-stream")
+        assert open_streams() == 1
         events = sse_events(resp)
         job_id = resp.headers["x-job-id"]
+    assert open_streams() == 0
     names = [n for n, _ in events]
     assert names[0] == "status" and names[-1] == "completed" and names.count("partial_image") == 1, names
     assert names.count("progress") == events[1][1]["scales"] - 1
