@@ -49,8 +49,12 @@ def direct(n: int, preset: str) -> list[float]:
     else:
         engine = Engine.from_preset(preset)
     engine.warmup()
-    grids = grids_for(1.0, "0.06M")
-    req = [ImageRequest(BODY["prompt"], SamplingParams(cfg=3.0, tau=0.5, seed=1), pruning_config("balanced"))]
+    # the request the service runs for BODY: the preset's default size and sampling (tau changes the
+    # bits, hence what LHEP keeps and when SATS stops, hence the work)
+    grids = grids_for(1.0, engine.preset.pn)
+    d = engine.preset.sampling
+    req = [ImageRequest(BODY["prompt"], SamplingParams(cfg=d.cfg, tau=d.tau, top_k=d.top_k, top_p=d.top_p, seed=1),
+                        pruning_config(BODY["pruning"]))]
     out = []
     for _ in range(n):
         t0 = time.perf_counter()

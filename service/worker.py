@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue as queue_mod
 import socket
 import threading
 import time
@@ -36,6 +37,40 @@ BACKEND_RETRY_S = 0.5  # first wait after a Redis error, doubling up to BACKEND_
 BACKEND_RETRY_MAX_S = 5.0
 
 
+class EventSender:
+    """Writes a batch's progress events from a thread of its own, in order, so the engine does not
+    wait on Redis between scales (a write took 0.63 ms median inside ``ldserve serve``, 6 a demo
+    image). ``flush`` before a batch's jobs end: their end entry follows their last progress."""
+
+    def __init__(self, queue: WorkerQueue) -> None:
+        self.queue = queue
+        self._pending: queue_mod.Queue[list[tuple[str, dict[str, Any]]] | None] = queue_mod.Queue()
+        self._thread = threading.Thread(target=self._run, name="ldserve-events", daemon=True)
+        self._thread.start()
+
+    def put(self, events: list[tuple[str, dict[str, Any]]]) -> None:
+        self._pending.put(events)
+
+    def flush(self) -> None:
+        self._pending.join()
+
+    def close(self) -> None:
+        self._pending.put(None)
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while True:
+            events = self._pending.get()
+            try:
+                if events is None:
+                    return
+                self.queue.add_events(events)
+            except redis.RedisError as e:  # progress is a courtesy: a Redis error must not fail the batch
+                log.warning("could not write progress events: %s", e)
+            finally:
+                self._pending.task_done()
+
+
 class Worker:
     def __init__(self, settings: ServiceSettings, client: redis.Redis, metrics: WorkerMetrics, *,
                  engine_factory: Callable[[ServiceSettings], EngineClient] = EngineClient,
@@ -52,6 +87,7 @@ class Worker:
         self._stop = threading.Event()
         self._hb_stop = threading.Event()
         self.ready = False
+        self.events = EventSender(self.queue)
         self.s_per_image = 1.0
         self._last_recover = 0.0
 
@@ -78,6 +114,7 @@ class Worker:
             while self.held:
                 self.run_batch()
         finally:
+            self.events.close()
             self._hb_stop.set()
             hb.join(timeout=5)
             self.queue.remove_worker(self.consumer)
@@ -186,20 +223,19 @@ class Worker:
         try:
             assert self.engine is not None
             def events(batch: list[tuple[int, dict[str, Any]]]) -> None:
-                try:  # progress is a courtesy: a Redis error here must not fail the batch
-                    self.queue.add_events([(live[j].entry.job_id, fields) for j, fields in batch])
-                except redis.RedisError as e:
-                    log.warning("could not write progress events: %s", e)
+                self.events.put([(live[j].entry.job_id, fields) for j, fields in batch])
 
             out = self.engine.generate([h.spec for h in live], events)
         except Exception as exc:  # a failed batch fails its jobs; it is not retried
             log.exception("batch of %d job(s) failed", len(live))
+            self.events.flush()  # their end entries after their last progress
             for h in live:
                 stored = self.queue.fail(h.entry, "failed", "inference_error", f"inference failed: {exc}")
                 self._end(h, "failed", stored)
             return
         finally:
             self.metrics.in_flight.set(0)
+            self.events.flush()
         self._store(live, out)
         self._observe_batch(live, out)
 
