@@ -32,6 +32,15 @@ EventSink = Callable[[list[tuple[int, dict[str, Any]]]], None]
 """Receives a batch's events as (index of the job in the batch, stream fields)."""
 
 
+class BatchAbandoned(Exception):  # noqa: N818 - a control-flow signal, not an error
+    """Raised between scales when every job of the batch was canceled: the rest is not computed."""
+
+    def __init__(self, scales_done: int, scales: int) -> None:
+        super().__init__(f"abandoned after scale {scales_done} of {scales}")
+        self.scales_done = scales_done
+        self.scales = scales
+
+
 @dataclass
 class ImageOut:
     rgb: bytes
@@ -94,18 +103,27 @@ class EngineClient:
             self._time_unpruned([ImageRequest("calibration", SamplingParams(seed=0))], spec_grids)
         return t
 
-    def generate(self, specs: list[JobSpec], events: EventSink | None = None) -> BatchOut:
+    def generate(self, specs: list[JobSpec], events: EventSink | None = None,
+                 abandon: Callable[[], bool] | None = None) -> BatchOut:
         """One batch of jobs sharing a batch key; raises on engine errors. ``events`` receives,
         after every scale but the last, one ``progress`` event per job (unless the setting
         ``progress_events`` is off) and a ``partial_image`` event (raw RGB in ``img``) per image
-        that asked for a preview at that scale."""
+        that asked for a preview at that scale. ``abandon`` is asked after every scale but the last;
+        True stops the batch with ``BatchAbandoned`` (every job of it was canceled meanwhile)."""
         grids = grids_for(specs[0].h_div_w, specs[0].pn)
         reqs = [r for s in specs for r in requests_for(s)]
         t0 = time.perf_counter()
         wanted = [preview_scales(grids, s.partial_images) for s in specs]
         send = events is not None and (self.settings.progress_events or any(wanted))
-        results = self.engine.generate(reqs, grids,
-                                       on_scale=self._scale_events(specs, grids, wanted, events) if send else None)
+        emit = self._scale_events(specs, grids, wanted, events) if send and events is not None else None
+
+        def on_scale(si: int, preview: Callable[[list[int]], torch.Tensor]) -> None:
+            if abandon is not None and abandon():
+                raise BatchAbandoned(si + 1, len(grids))
+            if emit is not None:
+                emit(si, preview)
+
+        results = self.engine.generate(reqs, grids, on_scale=on_scale if emit or abandon else None)
         self._sync()
         seconds = time.perf_counter() - t0
         h, w = self.engine.image_size(grids)

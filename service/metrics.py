@@ -84,6 +84,8 @@ class WorkerMetrics:
                                registry=registry)
         c = lambda name, doc, labels=(): Counter(f"{P}_{name}", doc, list(labels), registry=registry)
         self.tokens_computed = c("tokens_computed", "Transformer tokens computed (both branches)")
+        self.batches_abandoned = c("batches_abandoned", "GPU batches stopped between scales because every job "
+                                   "in them was canceled (cancel, client gone, deadline)")
         self.tokens_full = c("tokens_full", "Transformer tokens an unpruned run computes")
         self.uncond_stop = c("uncond_stop", "Images by whether SATS stopped the unconditional branch", ["stopped"])
         self.jobs = jobs or c("jobs", "Jobs reaching a terminal status", ["status"])

@@ -25,7 +25,7 @@ import redis
 
 from . import __version__
 from .batching import Held, batch_images, select_batch, should_dispatch
-from .engine_client import BatchOut, EngineClient
+from .engine_client import BatchAbandoned, BatchOut, EngineClient
 from .keys import Keys
 from .metrics import WorkerMetrics
 from .settings import ServiceSettings
@@ -71,6 +71,63 @@ class EventSender:
                 self._pending.task_done()
 
 
+class CancelWatch:
+    """Which jobs of the running batch the API ended meanwhile (cancel, client gone, deadline): its
+    TERMINATE script publishes their ids on the events channel, heard here by a thread of its own,
+    so the engine can ask between scales without a Redis call. A missed message (Redis restarting)
+    only means the batch runs to its end, as before."""
+
+    def __init__(self, client: redis.Redis, channel: str) -> None:
+        self.client = client
+        self.channel = channel
+        self._running: set[str] = set()
+        self._ended: set[str] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ldserve-cancel-watch", daemon=True)
+        self._thread.start()
+
+    def begin(self, job_ids: list[str]) -> None:
+        with self._lock:
+            self._running, self._ended = set(job_ids), set()
+
+    def restrict(self, job_ids: list[str]) -> None:
+        """The jobs that did start (keeping what was heard for them already)."""
+        with self._lock:
+            self._running = set(job_ids)
+            self._ended &= self._running
+
+    def all_ended(self) -> bool:
+        with self._lock:
+            return bool(self._running) and self._running <= self._ended
+
+    def end(self) -> None:
+        self.begin([])
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+                pubsub.subscribe(self.channel)
+                try:
+                    while not self._stop.is_set():
+                        msg = pubsub.get_message(timeout=0.5)
+                        if msg is not None:
+                            job_id = msg["data"].decode()
+                            with self._lock:
+                                if job_id in self._running:
+                                    self._ended.add(job_id)
+                finally:
+                    pubsub.close()
+            except redis.RedisError as e:
+                log.warning("cancel watch lost its subscription (%s); resubscribing", e)
+                self._stop.wait(1.0)
+
+
 class Worker:
     def __init__(self, settings: ServiceSettings, client: redis.Redis, metrics: WorkerMetrics, *,
                  engine_factory: Callable[[ServiceSettings], EngineClient] = EngineClient,
@@ -88,6 +145,7 @@ class Worker:
         self._hb_stop = threading.Event()
         self.ready = False
         self.events = EventSender(self.queue)
+        self.cancel_watch = CancelWatch(client, self.queue.keys.events)
         self.s_per_image = 1.0
         self._last_recover = 0.0
 
@@ -115,6 +173,7 @@ class Worker:
                 self.run_batch()
         finally:
             self.events.close()
+            self.cancel_watch.close()
             self._hb_stop.set()
             hb.join(timeout=5)
             self.queue.remove_worker(self.consumer)
@@ -215,9 +274,12 @@ class Worker:
     # ---- running ---------------------------------------------------------------------------
     def run_batch(self) -> None:
         batch, self.held = select_batch(self.held, self.settings.max_batch_size)
+        self.cancel_watch.begin([h.entry.job_id for h in batch])  # before START: no cancel goes unheard
         live = [h for h in batch if self._start(h)]
         if not live:
+            self.cancel_watch.end()
             return
+        self.cancel_watch.restrict([h.entry.job_id for h in live])
         images = batch_images(live)
         self.metrics.in_flight.set(images)
         try:
@@ -225,7 +287,15 @@ class Worker:
             def events(batch: list[tuple[int, dict[str, Any]]]) -> None:
                 self.events.put([(live[j].entry.job_id, fields) for j, fields in batch])
 
-            out = self.engine.generate([h.spec for h in live], events)
+            out = self.engine.generate([h.spec for h in live], events, abandon=self.cancel_watch.all_ended)
+        except BatchAbandoned as stop:  # every job was canceled meanwhile: the GPU stops for nobody
+            log.info("batch of %d job(s) %s: every job in it was canceled", len(live), stop)
+            self.events.flush()
+            self.metrics.batches_abandoned.inc()
+            for h in live:
+                self.queue.finish(h.entry, "canceled", {})  # stores nothing (the job has ended), acks
+                self._release(h.entry)
+            return
         except Exception as exc:  # a failed batch fails its jobs; it is not retried
             log.exception("batch of %d job(s) failed", len(live))
             self.events.flush()  # their end entries after their last progress
@@ -236,6 +306,7 @@ class Worker:
         finally:
             self.metrics.in_flight.set(0)
             self.events.flush()
+            self.cancel_watch.end()
         self._store(live, out)
         self._observe_batch(live, out)
 

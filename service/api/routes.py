@@ -475,7 +475,8 @@ async def job_events_route(job_id: str, settings: SettingsDep, queue: QueueDep, 
 
 @protected.post("/v1/jobs/{job_id}/cancel", response_model=JobModel, tags=["jobs"])
 async def cancel_job(job_id: str, queue: QueueDep, metrics: MetricsDep) -> Any:
-    """Cancel a queued or running job (a running batch finishes, its result is discarded)."""
+    """Cancel a queued or running job (a running batch stops at its next scale when all its jobs are
+    canceled; otherwise it finishes and this job's result is discarded)."""
     error = {"message": "canceled by the client", "type": "invalid_request_error", "param": None, "code": "canceled"}
     prev = await queue.terminate(job_id, "canceled", error) if len(job_id) <= 64 else None
     if prev is None:

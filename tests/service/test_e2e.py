@@ -13,7 +13,7 @@ import pytest
 import redis
 from PIL import Image
 
-from .conftest import AUTH, Proc
+from .conftest import AUTH, Proc, wait_for
 
 
 def post(p: Proc, path: str, body: dict, headers: dict | None = None, timeout: float = 60) -> httpx.Response:
@@ -456,3 +456,21 @@ def test_generate_as_an_event_stream(serve: Proc, rclient: redis.Redis) -> None:
     assert images_generated(serve) == before + 1
     prefix = serve.env["LDSERVE_KEY_PREFIX"]
     assert not rclient.hexists(f"{prefix}:job:{job_id}", "img0") and not rclient.exists(f"{prefix}:jobevents:{job_id}")
+
+
+def test_cancel_stops_a_running_batch_between_scales(serve: Proc, rclient: redis.Redis) -> None:
+    """Canceling the only job of a running batch stops the GPU at the next scale (the worker hears
+    the cancel on the events channel) instead of finishing the batch for nobody."""
+    before = metric(httpx.get(f"{serve.url}/metrics", headers=AUTH).text, "ldserve_batches_abandoned_total")
+    job = post(serve, "/generate", {"prompt": "long", "resolution": 512}, {"Prefer": "respond-async"}).json()
+    key = f"{serve.env['LDSERVE_KEY_PREFIX']}:job:{job['id']}"
+    wait_for(lambda: rclient.hget(key, "status") == b"processing", 30, "job processing", serve, interval=0.01)
+    assert httpx.post(f"{serve.url}/v1/jobs/{job['id']}/cancel", headers=AUTH).status_code == 200
+    wait_for(lambda: b"every job in it was canceled" in serve.log.read_bytes(), 30, "the abandoned batch", serve)
+    done, total = map(int, re.findall(rb"abandoned after scale (\d+) of (\d+)", serve.log.read_bytes())[-1])
+    assert done < total
+    assert rclient.hget(key, "status") == b"canceled" and not rclient.hexists(key, "img0")
+    after = metric(httpx.get(f"{serve.url}/metrics", headers=AUTH).text, "ldserve_batches_abandoned_total")
+    assert after == before + 1
+    r = post(serve, "/generate", {"prompt": "next", "seed": 2})  # the worker goes on
+    assert r.status_code == 200, r.text
