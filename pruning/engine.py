@@ -141,7 +141,7 @@ class Engine:
     def generate(self, requests: list[ImageRequest], grids: tuple[tuple[int, int], ...],
                  on_scale: ScaleCallback | None = None) -> list[ImageResult]:
         """One batch at one schedule. Raises ValueError for invalid settings. ``on_scale``: called
-        after each scale but the last with a preview decoder (``pruning.loop.generate``)."""
+        after each scale with a preview decoder (``pruning.loop.generate``)."""
         if not requests:
             return []
         t0 = time.perf_counter()

@@ -141,9 +141,10 @@ def generate(model: InfinityModel, text: TextCond, grids: tuple[tuple[int, int],
     (for measuring the two; packed is the default because linear layers then skip the padding).
     ``graphs`` (a ``ScaleGraphs`` of this model) replays captured CUDA graphs for the scales
     where every row computes the same tokens; the results equal the eager loop's.
-    ``on_scale(si, preview)`` is called after every scale but the last; ``preview(samples)`` decodes
-    those samples' codes summed so far, uint8 (len(samples), H, W, 3) on the CPU (progress events and
-    partial images; its time counts in no scale's wall time; the images are unchanged by it).
+    ``on_scale(si, preview)`` is called after every scale (after the last, before the final decode);
+    ``preview(samples)`` decodes those samples' codes summed so far, uint8 (len(samples), H, W, 3) on
+    the CPU (progress events and partial images; its time counts in no scale's wall time; the images
+    are unchanged by it). An exception it raises ends the generation there.
     """
     tf, preset, dev = model.transformer, model.preset, model.device
     b, patchify, vs, nbits = text.batch_size, preset.spatial_patchify, preset.vae_scale, preset.vae.codebook_bits
@@ -197,11 +198,10 @@ def generate(model: InfinityModel, text: TextCond, grids: tuple[tuple[int, int],
             clock.mark()
             records.append((si, grid, keep, rows, list(text_len)))
             # 5. accumulate and build the next scale's input
-            if si == len(grids) - 1:
-                summed += codes
-                break
-            summed += resize_codes(codes, final_grid)
-            feats = next_scale_input(summed, grids[si + 1], vs, patchify)
+            last = si == len(grids) - 1
+            summed += codes if last else resize_codes(codes, final_grid)
+            if not last:
+                feats = next_scale_input(summed, grids[si + 1], vs, patchify)
             if on_scale is not None:
                 on_scale(si, functools.partial(_preview, model, summed))
                 clock.restart()

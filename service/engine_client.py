@@ -106,10 +106,11 @@ class EngineClient:
     def generate(self, specs: list[JobSpec], events: EventSink | None = None,
                  abandon: Callable[[], bool] | None = None) -> BatchOut:
         """One batch of jobs sharing a batch key; raises on engine errors. ``events`` receives,
-        after every scale but the last, one ``progress`` event per job (unless the setting
+        after every scale, one ``progress`` event per job (unless the setting
         ``progress_events`` is off) and a ``partial_image`` event (raw RGB in ``img``) per image
-        that asked for a preview at that scale. ``abandon`` is asked after every scale but the last;
-        True stops the batch with ``BatchAbandoned`` (every job of it was canceled meanwhile)."""
+        that asked for a preview at that scale. ``abandon`` is asked after every scale (the last:
+        before the final decode); True stops the batch with ``BatchAbandoned`` (every job of it was
+        canceled meanwhile)."""
         grids = grids_for(specs[0].h_div_w, specs[0].pn)
         reqs = [r for s in specs for r in requests_for(s)]
         t0 = time.perf_counter()

@@ -366,7 +366,7 @@ def sse_events(resp: httpx.Response) -> list[tuple[str, dict]]:
 
 
 def test_job_events_progress_partial_images_then_result(serve: Proc) -> None:
-    """An async job with partial_images streams status, a progress event per scale but the last,
+    """An async job with partial_images streams status, a progress event per scale,
     two previews per image (decodable, full size, different from the final image) and its end."""
     r = post(serve, "/generate", {"prompt": "a kite", "seed": 21, "n": 2, "partial_images": 2},
              {"Prefer": "respond-async"})
@@ -379,7 +379,7 @@ def test_job_events_progress_partial_images_then_result(serve: Proc) -> None:
     assert names[0] == "status" and names[-1] == "completed", names
     progress = [d for n, d in events if n == "progress"]
     assert events[0][1]["status"] in ("queued", "processing")  # connected while it ran (~0.5 s of work)
-    assert [p["scale"] for p in progress] == list(range(1, progress[0]["scales"]))
+    assert [p["scale"] for p in progress] == list(range(1, progress[0]["scales"] + 1))
     partial = [d for n, d in events if n == "partial_image"]
     assert sorted((p["image_index"], p["partial_image_index"]) for p in partial) == [(0, 0), (0, 1), (1, 0), (1, 1)]
     for p in partial:
@@ -450,7 +450,7 @@ def test_generate_as_an_event_stream(serve: Proc, rclient: redis.Redis) -> None:
     assert open_streams() == 0
     names = [n for n, _ in events]
     assert names[0] == "status" and names[-1] == "completed" and names.count("partial_image") == 1, names
-    assert names.count("progress") == events[1][1]["scales"] - 1
+    assert names.count("progress") == events[1][1]["scales"]
     final = events[-1][1]
     assert final["id"] == job_id and decode(final["output"][0]["b64_json"]).size == (256, 256)
     assert images_generated(serve) == before + 1
@@ -462,7 +462,8 @@ def test_cancel_stops_a_running_batch_between_scales(serve: Proc, rclient: redis
     """Canceling the only job of a running batch stops the GPU at the next scale (the worker hears
     the cancel on the events channel) instead of finishing the batch for nobody."""
     before = metric(httpx.get(f"{serve.url}/metrics", headers=AUTH).text, "ldserve_batches_abandoned_total")
-    job = post(serve, "/generate", {"prompt": "long", "resolution": 512}, {"Prefer": "respond-async"}).json()
+    # 4 x 512 px: its scales take ~0.8 s here (then ~5 s of VAE decoding), time for the cancel to land
+    job = post(serve, "/generate", {"prompt": "long", "resolution": 512, "n": 4}, {"Prefer": "respond-async"}).json()
     key = f"{serve.env['LDSERVE_KEY_PREFIX']}:job:{job['id']}"
     wait_for(lambda: rclient.hget(key, "status") == b"processing", 30, "job processing", serve, interval=0.01)
     assert httpx.post(f"{serve.url}/v1/jobs/{job['id']}/cancel", headers=AUTH).status_code == 200
