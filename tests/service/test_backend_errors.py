@@ -55,6 +55,18 @@ def test_backend_full_then_gone_answers_503_and_recovers(backend: tuple[Embedded
     assert httpx.get(f"{api.url}/health/live").status_code == 200
 
 
+def _ready_then_submit(backend: tuple[EmbeddedRedis, Proc, str], worker: Proc,
+                       body: dict) -> tuple[redis.Redis, str, str]:
+    """Wait for the worker, let Redis refuse writes when told (noeviction), submit an async job:
+    (client, job id, job key)."""
+    server, api, prefix = backend
+    wait_for(lambda: httpx.get(f"{api.url}/health/ready").status_code == 200, 120, "worker ready", worker)
+    r = redis.Redis.from_url(server.url)
+    r.config_set("maxmemory-policy", "noeviction")
+    job_id = httpx.post(f"{api.url}/generate", json=body, headers={"Prefer": "respond-async"}, timeout=30).json()["id"]
+    return r, job_id, f"{prefix}:job:{job_id}"
+
+
 def test_worker_survives_redis_refusing_its_result(backend: tuple[EmbeddedRedis, Proc, str],
                                                     tmp_path_factory: pytest.TempPathFactory) -> None:
     """Redis fills up while a job runs, so storing its result fails: the worker neither dies nor keeps
@@ -63,12 +75,7 @@ def test_worker_survives_redis_refusing_its_result(backend: tuple[EmbeddedRedis,
     w = start("worker", base_env(server.url, prefix, api_keys="", claim_idle_ms=1500, worker_metrics_port=0),
               tmp_path_factory.mktemp("backend_worker"))
     try:
-        wait_for(lambda: httpx.get(f"{api.url}/health/ready").status_code == 200, 120, "worker ready", w)
-        r = redis.Redis.from_url(server.url)
-        r.config_set("maxmemory-policy", "noeviction")
-        job_id = httpx.post(f"{api.url}/generate", json={"prompt": "full", "resolution": 512},
-                            headers={"Prefer": "respond-async"}, timeout=30).json()["id"]
-        key = f"{prefix}:job:{job_id}"
+        r, job_id, key = _ready_then_submit(backend, w, {"prompt": "full", "resolution": 512})
         wait_for(lambda: r.hget(key, "status") == b"processing", 30, "job processing", w, interval=0.01)
         r.config_set("maxmemory", "1")  # the result's write will be refused
         wait_for(lambda: b"queue backend error" in w.log.read_bytes(), 60, "the refused store", w)
@@ -87,13 +94,8 @@ def test_refused_progress_events_do_not_fail_the_batch(backend: tuple[EmbeddedRe
     server, api, prefix = backend
     w = start("worker", base_env(server.url, prefix, api_keys="", worker_metrics_port=0),
               tmp_path_factory.mktemp("progress_worker"))
-    try:
-        wait_for(lambda: httpx.get(f"{api.url}/health/ready").status_code == 200, 120, "worker ready", w)
-        r = redis.Redis.from_url(server.url)
-        r.config_set("maxmemory-policy", "noeviction")
-        job_id = httpx.post(f"{api.url}/generate", json={"prompt": "progress", "resolution": 512},
-                            headers={"Prefer": "respond-async"}, timeout=30).json()["id"]
-        key = f"{prefix}:job:{job_id}"
+    try:  # 4 x 512 px: ~0.8 s of scales between the first and the last progress write
+        r, job_id, key = _ready_then_submit(backend, w, {"prompt": "progress", "resolution": 512, "n": 4})
         wait_for(lambda: r.exists(f"{prefix}:jobevents:{job_id}"), 30, "first progress event", w, interval=0.005)
         r.config_set("maxmemory", "1")
         wait_for(lambda: b"could not write progress events" in w.log.read_bytes(), 30, "a refused event", w,
