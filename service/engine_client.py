@@ -115,8 +115,8 @@ class EngineClient:
         reqs = [r for s in specs for r in requests_for(s)]
         t0 = time.perf_counter()
         wanted = [preview_scales(grids, s.partial_images) for s in specs]
-        send = events is not None and (self.settings.progress_events or any(wanted))
-        emit = self._scale_events(specs, grids, wanted, events) if send and events is not None else None
+        emit = (self._scale_events(specs, grids, wanted, events)
+                if events is not None and (self.settings.progress_events or any(wanted)) else None)
 
         def on_scale(si: int, preview: Callable[[list[int]], torch.Tensor]) -> None:
             if abandon is not None and abandon():

@@ -282,15 +282,20 @@ class Worker:
         self.cancel_watch.restrict([h.entry.job_id for h in live])
         images = batch_images(live)
         self.metrics.in_flight.set(images)
+
+        def events(rows: list[tuple[int, dict[str, Any]]]) -> None:  # (job index in the batch, fields)
+            self.events.put([(live[j].entry.job_id, fields) for j, fields in rows])
+
         try:
             assert self.engine is not None
-            def events(batch: list[tuple[int, dict[str, Any]]]) -> None:
-                self.events.put([(live[j].entry.job_id, fields) for j, fields in batch])
-
-            out = self.engine.generate([h.spec for h in live], events, abandon=self.cancel_watch.all_ended)
+            try:
+                out = self.engine.generate([h.spec for h in live], events, abandon=self.cancel_watch.all_ended)
+            finally:  # before any job of the batch ends: its end entry follows its last progress
+                self.metrics.in_flight.set(0)
+                self.events.flush()
+                self.cancel_watch.end()
         except BatchAbandoned as stop:  # every job was canceled meanwhile: the GPU stops for nobody
             log.info("batch of %d job(s) %s: every job in it was canceled", len(live), stop)
-            self.events.flush()
             self.metrics.batches_abandoned.inc()
             for h in live:
                 self.queue.finish(h.entry, "canceled", {})  # stores nothing (the job has ended), acks
@@ -298,15 +303,10 @@ class Worker:
             return
         except Exception as exc:  # a failed batch fails its jobs; it is not retried
             log.exception("batch of %d job(s) failed", len(live))
-            self.events.flush()  # their end entries after their last progress
             for h in live:
                 stored = self.queue.fail(h.entry, "failed", "inference_error", f"inference failed: {exc}")
                 self._end(h, "failed", stored)
             return
-        finally:
-            self.metrics.in_flight.set(0)
-            self.events.flush()
-            self.cancel_watch.end()
         self._store(live, out)
         self._observe_batch(live, out)
 

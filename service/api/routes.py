@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 import time
@@ -197,11 +198,17 @@ def _count_images(metrics: MetricsDep, fmt: str, n: int) -> None:
     metrics.images_generated.labels(output_format=fmt).inc(n)
 
 
+def _drops_delivered(idem: str | None, settings: SettingsDep) -> bool:
+    """Whether a response that delivers a job's images (synchronous or streamed) then drops them
+    from Redis (3 MB of raw RGB per 1024 px image; the record stays): unless an Idempotency-Key's
+    retry may come for them, or ``keep_delivered_images``."""
+    return idem is None and not settings.keep_delivered_images
+
+
 def _delivered(job: Job, idem: str | None, settings: SettingsDep, queue: JobQueue,
                background: BackgroundTasks) -> None:
-    """Once a synchronous response without Idempotency-Key is sent, its job's raw images (3 MB per
-    1024 px image) leave Redis; the record stays. ``keep_delivered_images`` keeps them."""
-    if idem is None and not settings.keep_delivered_images:
+    """Once a synchronous response is sent, its job's images leave Redis (``_drops_delivered``)."""
+    if _drops_delivered(idem, settings):
         background.add_task(queue.drop_images, job.id, len(job.images))
 
 
@@ -219,13 +226,19 @@ async def _job_files(job: Job, png: PngParams, queue: JobQueue, metrics: Metrics
     return encoded
 
 
-async def _sync_files(job: Job, png: PngParams, metrics: MetricsDep, timing: Timing, response: Response) -> list[bytes]:
-    """A synchronous JSON response's files: encoded, timed into its Server-Timing header, counted."""
-    t = time.perf_counter()
+async def _delivered_files(job: Job, png: PngParams, metrics: MetricsDep) -> list[bytes]:
+    """Files a response hands over once (synchronous or streamed, not kept in the job): encoded, counted."""
     encoded = await _encode_images(job, png)
+    _count_images(metrics, job.spec.output_format, len(encoded))
+    return encoded
+
+
+async def _sync_files(job: Job, png: PngParams, metrics: MetricsDep, timing: Timing, response: Response) -> list[bytes]:
+    """A synchronous JSON response's files, timed into its Server-Timing header."""
+    t = time.perf_counter()
+    encoded = await _delivered_files(job, png, metrics)
     timing.add("encode", t)
     response.headers["Server-Timing"] = timing.header(job)
-    _count_images(metrics, job.spec.output_format, len(encoded))
     return encoded
 
 
@@ -346,10 +359,9 @@ async def _native_events(job: Job, settings: SettingsDep, queue: JobQueue, metri
                 yield sse("error", {"error": {"message": f"job {job.id} no longer exists", "type":
                                               "invalid_request_error", "param": "job_id", "code": "job_not_found"}})
                 return
-            drop = owner and idem is None and not settings.keep_delivered_images
+            drop = owner and _drops_delivered(idem, settings)
             if drop and final.status == "succeeded" and not final.images_dropped:
-                files: list[bytes] | None = await _encode_images(final, settings.png)
-                _count_images(metrics, final.spec.output_format, len(files))
+                files: list[bytes] | None = await _delivered_files(final, settings.png, metrics)
             else:
                 files = await _job_files(final, settings.png, queue, metrics)
             yield sse("completed" if final.status == "succeeded" else final.status, convert.job_body(final, files))
@@ -390,15 +402,14 @@ async def _openai_stream(job: Job, quality: str | None, deadline: float, idem: s
                         "type": "server_error", "param": None, "code": final.status if final else "job_not_found"}
                     yield sse("error", {"type": "error", "error": err})
                     return
-                encoded = await _encode_images(final, settings.png)
-                _count_images(metrics, sp.output_format, len(encoded))
+                encoded = await _delivered_files(final, settings.png, metrics)
                 out = convert.openai_body(final, encoded, quality)
                 for i, item in enumerate(out["data"]):
                     yield sse("image_generation.completed", {
                         "type": "image_generation.completed", "b64_json": item["b64_json"],
                         "created_at": out["created"], **shape, "usage": out["usage"], "image_index": i,
                         "seed": item["seed"]})
-                if idem is None and not settings.keep_delivered_images:
+                if _drops_delivered(idem, settings):
                     await queue.drop_images(job.id, len(encoded), events=True)
     finally:
         if not ended and idem is None:  # the client left: nobody reads this job
@@ -497,6 +508,11 @@ async def list_models(request: Request, settings: SettingsDep) -> Any:
 
 
 PLAYGROUND = Path(__file__).with_name("playground.html")
+
+
+@functools.cache
+def _playground_html() -> str:
+    return PLAYGROUND.read_text(encoding="utf-8")
 # the page's own inline script and style, its images as data: URLs, its calls to this origin only
 PLAYGROUND_CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data:; "
                   "connect-src 'self'; form-action 'none'; frame-ancestors 'none'; base-uri 'none'")
@@ -507,7 +523,7 @@ async def playground(settings: SettingsDep) -> HTMLResponse:
     """A one-page playground (settings.playground): generate with live progress and previews."""
     if not settings.playground:
         raise ApiError(404, "the playground is turned off (LDSERVE_PLAYGROUND)", code="not_found")
-    return HTMLResponse(PLAYGROUND.read_text(encoding="utf-8"),
+    return HTMLResponse(_playground_html(),
                         headers={"Content-Security-Policy": PLAYGROUND_CSP, "Cache-Control": "no-cache"})
 
 
