@@ -1,4 +1,5 @@
-"""PNG output: incompressible images go stored (unfiltered, deflate level 0), the rest through Pillow."""
+"""PNG output: incompressible images go stored (unfiltered, deflate level 0), the rest filtered (Up, or
+Pillow's adaptive choice) and deflated."""
 
 from __future__ import annotations
 
@@ -50,24 +51,52 @@ def idat(data: bytes) -> bytes:
     return zlib.decompress(out)
 
 
-@pytest.mark.parametrize("name", ["noise", "shapes", "photo", "photo strip"])
-def test_png_is_lossless_and_stored_only_when_incompressible(name: str) -> None:
-    """The 8-row photo strip is all sample: the sample's own encoding is returned."""
-    images = {"noise": lambda: noise(256, 256), "shapes": shapes, "photo": photo, "photo strip": lambda: photo()[:8]}
-    rgb = images[name]()
+IMAGES = {"noise": lambda: noise(256, 256), "shapes": shapes, "photo": photo, "photo strip": lambda: photo()[:8]}
+
+
+@pytest.mark.parametrize("png_filter", ["up", "adaptive"])
+@pytest.mark.parametrize("name", list(IMAGES))
+def test_png_is_lossless_and_stored_only_when_incompressible(name: str, png_filter: str) -> None:
+    """The 8-row photo strip is all sample (adaptive: the sample's own encoding is returned)."""
+    rgb = IMAGES[name]()
     h, w, _ = rgb.shape
-    data = encode(rgb.tobytes(), w, h, "png")
+    data = encode(rgb.tobytes(), w, h, "png", png=PngParams(filter=png_filter))
     assert np.array_equal(decode(data), rgb)
     if name == "noise":
         assert data == stored_png(rgb.tobytes(), w, h) and len(data) < rgb.size + 400
-    else:  # Pillow's filtered encoding; the photo's raw rows alone would not shrink below 0.9
-        assert len(data) < rgb.size * (0.05 if name == "shapes" else 0.7)
-        assert set(idat(data)[::w * 3 + 1]) != {0}
+        return
+    # compressed; the photo's raw rows alone would not shrink below 0.9
+    assert len(data) < rgb.size * (0.05 if name == "shapes" else 0.7)
+    filters = set(idat(data)[::w * 3 + 1])
+    assert filters == {2} if png_filter == "up" else filters != {0}
+
+
+@pytest.mark.parametrize(("h", "w"), [(1, 1), (1, 40), (7, 5), (300, 257), (3, 21845)])
+def test_up_filter_rows(h: int, w: int) -> None:
+    """Every row is itself minus the row above (mod 256), the first against zeros; decoders agree."""
+    rgb = np.ascontiguousarray(np.tile(photo(), (h // 256 + 1, w // 256 + 1, 1))[:h, :w])
+    data = encode(rgb.tobytes(), w, h, "png", png=PngParams(stored_ratio=0))
+    above = np.concatenate([np.zeros((1, w, 3), np.uint8), rgb[:-1]])
+    assert idat(data) == b"".join(b"\2" + (rgb[y] - above[y]).tobytes() for y in range(h))
+    assert np.array_equal(decode(data), rgb)
+
+
+def test_up_filter_beats_stored_on_a_smooth_photo_and_adaptive_is_smaller() -> None:
+    """What the setting trades: both compress the photo; Pillow's per-row choice into fewer bytes."""
+    rgb = photo()
+    up = encode(rgb.tobytes(), 256, 256, "png", png=PngParams(filter="up"))
+    adaptive = encode(rgb.tobytes(), 256, 256, "png", png=PngParams(filter="adaptive"))
+    assert len(adaptive) < len(up) < 0.7 * rgb.size
+
+
+def test_unknown_png_filter_is_refused() -> None:
+    with pytest.raises(ValueError, match="PNG filter"):
+        encode(shapes().tobytes(), 128, 96, "png", png=PngParams(filter="paeth"))
 
 
 def test_stored_ratio_zero_always_runs_pillow() -> None:
     rgb = noise(64, 80)
-    data = encode(rgb.tobytes(), 80, 64, "png", png=PngParams(1, "rle", 0))
+    data = encode(rgb.tobytes(), 80, 64, "png", png=PngParams(1, "rle", 0, "adaptive"))
     assert np.array_equal(decode(data), rgb) and data != stored_png(rgb.tobytes(), 80, 64)
     assert set(idat(data)[::80 * 3 + 1]) != {0}  # Pillow filtered the rows
 
@@ -83,9 +112,14 @@ def test_stored_png_framing(h: int, w: int) -> None:
 
 
 def test_png_stored_ratio_setting(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert ServiceSettings().png == PngParams(1, "rle", 0.9)
+    assert ServiceSettings().png == PngParams(1, "rle", 0.9, "up")
     monkeypatch.setenv("LDSERVE_PNG_STORED_RATIO", "0")
-    assert ServiceSettings().png.stored_ratio == 0
+    monkeypatch.setenv("LDSERVE_PNG_FILTER", "adaptive")
+    assert ServiceSettings().png == PngParams(1, "rle", 0, "adaptive")
+    monkeypatch.setenv("LDSERVE_PNG_FILTER", "paeth")
+    with pytest.raises(ValidationError):
+        ServiceSettings()
+    monkeypatch.delenv("LDSERVE_PNG_FILTER")
     with pytest.raises(ValidationError):
         ServiceSettings(png_stored_ratio=1.5)
 
