@@ -53,6 +53,7 @@ def serve(s: ServiceSettings) -> None:
     from .embedded_redis import EmbeddedRedis
     from .main import create_app
     from .metrics import ApiMetrics, WorkerMetrics
+    from .queue import LocalResults
     from .worker import Worker, worker_client
 
     embedded = EmbeddedRedis().start() if s.redis_url is None else None
@@ -62,10 +63,11 @@ def serve(s: ServiceSettings) -> None:
     try:
         registry = CollectorRegistry()
         api_metrics = ApiMetrics(registry)
-        worker = Worker(s, worker_client(s), WorkerMetrics(registry, jobs=api_metrics.api_jobs))
+        local = LocalResults()
+        worker = Worker(s, worker_client(s), WorkerMetrics(registry, jobs=api_metrics.api_jobs), local_results=local)
         thread = threading.Thread(target=worker.run, name="ldserve-worker", daemon=True)
         thread.start()
-        app = create_app(s, metrics=api_metrics)
+        app = create_app(s, metrics=api_metrics, local_results=local)
         server = _Server(_uvicorn_config(app, s), on_exit=lambda: setattr(app.state, "draining", True))
         server.run()
         worker.stop()

@@ -116,6 +116,8 @@ return {st, now, deadline}
 
 # KEYS: job, stream, job events ; ARGV: group, entry_id, status, ttl, events_channel, job_id, field1, value1, ...
 # Stores the outcome only if the job is still live, then XACK + XDEL: the ack follows the store.
+# Returns {0}, or {1, completed_ms, spec, created_ms, started_ms}: with the status and the fields
+# the caller wrote, the job's hash as stored (WorkerQueue.finish), without reading the images back.
 FINISH = _NOW + """
 local st = redis.call('HGET', KEYS[1], 'status')
 local stored = 0
@@ -130,5 +132,7 @@ if st == 'queued' or st == 'processing' then
 end
 redis.call('XACK', KEYS[2], ARGV[1], ARGV[2])
 redis.call('XDEL', KEYS[2], ARGV[2])
-return stored
+if stored == 0 then return {0} end
+local meta = redis.call('HMGET', KEYS[1], 'spec', 'created_ms', 'started_ms')
+return {1, tostring(now), meta[1], meta[2], meta[3]}
 """

@@ -18,7 +18,7 @@ from .api.middleware import RequestMiddleware
 from .api.routes import protected, public
 from .keys import Keys
 from .metrics import ApiMetrics
-from .queue import JobQueue, Notifier, ensure_group
+from .queue import JobQueue, LocalResults, Notifier, ensure_group
 from .settings import ServiceSettings
 
 log = logging.getLogger(__name__)
@@ -30,8 +30,10 @@ envelope `{"error": {"message", "type", "param", "code"}}`; every response has `
 """
 
 
-def create_app(settings: ServiceSettings, *, metrics: ApiMetrics | None = None) -> FastAPI:
-    """Build the API. ``metrics`` lets ``ldserve serve`` share one registry with the in-process worker."""
+def create_app(settings: ServiceSettings, *, metrics: ApiMetrics | None = None,
+               local_results: LocalResults | None = None) -> FastAPI:
+    """Build the API. ``metrics`` and ``local_results`` let ``ldserve serve`` share one registry with
+    the in-process worker and take its results without a Redis read."""
     if settings.redis_url is None:
         raise ValueError("redis_url: the API needs a Redis URL (ldserve serve starts an embedded one)")
     api_metrics = metrics or ApiMetrics(CollectorRegistry())
@@ -41,7 +43,8 @@ def create_app(settings: ServiceSettings, *, metrics: ApiMetrics | None = None) 
         client = aredis.Redis.from_url(settings.redis_url, health_check_interval=30)
         keys = Keys(settings.key_prefix)
         app.state.queue = JobQueue(client, keys, max_len=settings.max_queue_len, job_ttl_s=settings.job_ttl_s)
-        app.state.notifier = Notifier(client, app.state.queue)
+        app.state.notifier = Notifier(client, app.state.queue, local_results,
+                                      on_local_read=api_metrics.results_in_process.inc)
         try:
             await ensure_group(client, keys)
         except Exception as e:  # noqa: BLE001 - start anyway; readiness reports Redis down

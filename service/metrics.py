@@ -54,6 +54,9 @@ class ApiMetrics:
         self.api_jobs = Counter(f"{P}_jobs", "Jobs reaching a terminal status", ["status"], registry=registry)
         self.event_streams = Gauge(f"{P}_event_streams_open", "Server-sent event streams this API process holds "
                                    "open (each waits on its own Redis connection)", registry=registry)
+        self.results_in_process = Counter(f"{P}_results_in_process", "Results a waiting request took from the "
+                                          "in-process worker (ldserve serve) instead of reading them from Redis",
+                                          registry=registry)
         self.queue = QueueCollector()
         registry.register(self.queue)
 

@@ -16,8 +16,10 @@ import json
 import logging
 import math
 import secrets
+import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -193,22 +195,98 @@ class JobQueue:
         return out
 
 
-class Notifier:
-    """One pub/sub subscription per API process that wakes waiters; the job hash stays the truth."""
+LOCAL_HANDOVER_WAIT_S = 0.05
+"""How long a waiter woken by pub/sub holds off its Redis read for a job whose FINISH the in-process
+worker has in flight (its hand-over follows within about a millisecond)."""
 
-    def __init__(self, client: aredis.Redis, queue: JobQueue) -> None:
+
+class LocalResults:
+    """``ldserve serve`` only (API and worker threads in one process): the worker hands each job it
+    stored to this process's waiters as the hash it just wrote (``WorkerQueue.finish``), so a
+    synchronous response does not read the job's images back from Redis (a 256 px image: 196 KB).
+    The hash is what HGETALL would have read at that moment; waiters in other API processes still
+    go through pub/sub and Redis. FINISH publishes the job's completion from inside Redis, which
+    can reach the API before FINISH's reply reaches the worker thread: ``finishing`` marks the
+    jobs in that window, so a waiter woken early waits for the hand-over instead of reading."""
+
+    def __init__(self) -> None:
+        self._target: tuple[asyncio.AbstractEventLoop, Callable[[str, dict[bytes, bytes] | None], None]] | None = None
+        self._finishing: set[str] = set()
+        self._lock = threading.Lock()
+
+    def attach(self, loop: asyncio.AbstractEventLoop,
+               deliver: Callable[[str, dict[bytes, bytes] | None], None]) -> None:
+        with self._lock:
+            self._target = (loop, deliver)
+
+    def detach(self) -> None:
+        with self._lock:
+            self._target = None
+
+    def finishing(self, job_id: str) -> None:
+        """From the worker thread, before its FINISH call for the job."""
+        with self._lock:
+            self._finishing.add(job_id)
+
+    def is_finishing(self, job_id: str) -> bool:
+        with self._lock:
+            return job_id in self._finishing
+
+    def put(self, job_id: str, stored: dict[bytes, bytes] | None) -> None:
+        """From the worker thread, after FINISH (``stored`` None: it stored nothing, or failed):
+        ``deliver`` runs on the API's loop (a no-op if nobody waits). The job stops counting as
+        finishing there, on the loop, so a waiter sees either the mark or the delivered hash."""
+        with self._lock:
+            target = self._target
+            if target is None:
+                self._finishing.discard(job_id)
+                return
+        try:
+            target[0].call_soon_threadsafe(self._handover, target[1], job_id, stored)
+        except RuntimeError:  # the loop closed meanwhile (shutdown): waiters are gone too
+            with self._lock:
+                self._finishing.discard(job_id)
+
+    def _handover(self, deliver: Callable[[str, dict[bytes, bytes] | None], None], job_id: str,
+                  stored: dict[bytes, bytes] | None) -> None:
+        with self._lock:
+            self._finishing.discard(job_id)
+        deliver(job_id, stored)
+
+
+class Notifier:
+    """One pub/sub subscription per API process that wakes waiters; the job hash stays the truth.
+    With ``local`` (``ldserve serve``), the in-process worker's stored hashes wake them first."""
+
+    def __init__(self, client: aredis.Redis, queue: JobQueue, local: LocalResults | None = None,
+                 on_local_read: Callable[[], None] | None = None) -> None:
         self.client = client
         self.queue = queue
+        self.local = local
+        self.on_local_read = on_local_read
         self._waiters: dict[str, set[asyncio.Event]] = {}
+        self._stored: dict[str, dict[bytes, bytes]] = {}
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._listen(), name="ldserve-notifier")
+        if self.local is not None:
+            self.local.attach(asyncio.get_running_loop(), self._deliver)
 
     async def stop(self) -> None:
+        if self.local is not None:
+            self.local.detach()
         if self._task:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+
+    def _deliver(self, job_id: str, stored: dict[bytes, bytes] | None) -> None:
+        evs = self._waiters.get(job_id)
+        if evs:
+            if stored is not None:
+                self._stored[job_id] = stored
+            for ev in evs:
+                ev.set()
 
     async def _listen(self) -> None:
         while True:
@@ -227,16 +305,31 @@ class Notifier:
                         ev.set()
                 await asyncio.sleep(0.5)
 
+    async def _read(self, job_id: str, ev: asyncio.Event) -> Job | None:
+        if self.local is not None and job_id not in self._stored and self.local.is_finishing(job_id):
+            ev.clear()  # woken by FINISH's publish before the worker thread had its reply
+            try:
+                await asyncio.wait_for(ev.wait(), timeout=LOCAL_HANDOVER_WAIT_S)
+            except asyncio.TimeoutError:
+                pass
+        stored = self._stored.get(job_id)
+        if stored is None:
+            return await self.queue.get(job_id)
+        if self.on_local_read is not None:
+            self.on_local_read()
+        return parse_job(job_id, stored)
+
     async def wait(self, job_id: str, timeout_s: float) -> Job | None:
         """Wait until the job is terminal or the timeout passes; returns the job as last read (None if
         it no longer exists). Each check reads the whole hash, so the wake-up that finds the job
-        terminal already holds its result: one Redis round trip instead of a status read and a get."""
+        terminal already holds its result: one Redis round trip instead of a status read and a get
+        (none when the in-process worker handed the stored hash over)."""
         ev = asyncio.Event()
         self._waiters.setdefault(job_id, set()).add(ev)
         deadline = time.monotonic() + timeout_s
         try:
             while True:
-                job = await self.queue.get(job_id)  # registered first, so no event is missed
+                job = await self._read(job_id, ev)  # registered first, so no event is missed
                 left = deadline - time.monotonic()
                 if job is None or job.terminal or left <= 0:
                     return job
@@ -249,3 +342,4 @@ class Notifier:
             self._waiters[job_id].discard(ev)
             if not self._waiters[job_id]:
                 del self._waiters[job_id]
+                self._stored.pop(job_id, None)

@@ -28,6 +28,7 @@ from .batching import Held, batch_images, select_batch, should_dispatch
 from .engine_client import BatchAbandoned, BatchOut, EngineClient
 from .keys import Keys
 from .metrics import WorkerMetrics
+from .queue import LocalResults
 from .settings import ServiceSettings
 from .spec import JobSpec
 from .worker_queue import Entry, WorkerQueue
@@ -131,8 +132,10 @@ class CancelWatch:
 class Worker:
     def __init__(self, settings: ServiceSettings, client: redis.Redis, metrics: WorkerMetrics, *,
                  engine_factory: Callable[[ServiceSettings], EngineClient] = EngineClient,
-                 consumer: str | None = None) -> None:
+                 consumer: str | None = None, local_results: LocalResults | None = None) -> None:
+        """``local_results``: ``ldserve serve`` hands each stored result to the API threads too."""
         self.settings = settings
+        self.local_results = local_results
         self.queue = WorkerQueue(client, Keys(settings.key_prefix), job_ttl_s=settings.job_ttl_s)
         self.metrics = metrics
         self.engine_factory = engine_factory
@@ -340,11 +343,23 @@ class Worker:
                                 worker_s=time.monotonic() - h.entry.claimed_at)
             fields: dict[str, Any] = {"result": json.dumps(result)}
             fields.update({f"img{k}": img.rgb for k, img in enumerate(imgs)})
-            stored = self.queue.finish(h.entry, "succeeded", fields)
-            self._end(h, "succeeded", stored)
-            if stored:
+            stored = self._finish_local(h, fields)
+            self._end(h, "succeeded", stored is not None)
+            if stored is not None:
                 for img in imgs:
                     self.metrics.record_sample(img.stats)
+
+    def _finish_local(self, h: Held, fields: dict[str, Any]) -> dict[bytes, bytes] | None:
+        """FINISH as succeeded; with ``local_results``, the stored hash goes to the API threads too."""
+        if self.local_results is None:
+            return self.queue.finish(h.entry, "succeeded", fields)
+        stored = None
+        self.local_results.finishing(h.entry.job_id)
+        try:
+            stored = self.queue.finish(h.entry, "succeeded", fields)
+        finally:
+            self.local_results.put(h.entry.job_id, stored)
+        return stored
 
     def _observe_batch(self, live: list[Held], out: BatchOut) -> None:
         images = batch_images(live)

@@ -93,17 +93,27 @@ class WorkerQueue:
             raise KeyError(job_id)
         return JobSpec.model_validate_json(raw)
 
-    def finish(self, entry: Entry, status: str, fields: dict[str, Any]) -> bool:
-        """Store the outcome (only if still live), then XACK + XDEL, atomically; True if stored."""
+    def finish(self, entry: Entry, status: str, fields: dict[str, Any]) -> dict[bytes, bytes] | None:
+        """Store the outcome (only if still live), then XACK + XDEL, atomically. Returns None if
+        the job had ended already, else what its hash holds now, as HGETALL would read it (the
+        fields parse_job reads: status, times, spec and ``fields``), without the round trip."""
         args: list[Any] = [self.keys.group, entry.entry_id, status, self.job_ttl_s, self.keys.events, entry.job_id]
         for k, v in fields.items():
             args += [k, v]
-        return bool(self._finish(keys=[self.keys.job(entry.job_id), self.keys.stream,
-                                       self.keys.job_events(entry.job_id)], args=args))
+        got = self._finish(keys=[self.keys.job(entry.job_id), self.keys.stream, self.keys.job_events(entry.job_id)],
+                           args=args)
+        if not int(got[0]):
+            return None
+        completed_ms, spec, created_ms, started_ms = got[1:5]
+        stored = {b"status": status.encode(), b"completed_ms": completed_ms, b"spec": spec, b"created_ms": created_ms}
+        if started_ms is not None:
+            stored[b"started_ms"] = started_ms
+        stored.update({k.encode(): self.client.get_encoder().encode(v) for k, v in fields.items()})
+        return stored
 
     def fail(self, entry: Entry, status: str, code: str, message: str) -> bool:
         err = json.dumps({"message": message, "type": "server_error", "code": code, "param": None})
-        return self.finish(entry, status, {"error": err})
+        return self.finish(entry, status, {"error": err}) is not None
 
     def dead_letter(self, entry: Entry, reason: str) -> None:
         self.client.xadd(self.keys.dlq, {"job_id": entry.job_id, "entry_id": entry.entry_id, "reason": reason},

@@ -287,6 +287,8 @@ def test_metrics_appear_and_move(serve: Proc) -> None:
     assert 'ldserve_model_info{device="cpu",dtype="float32",model="tiny-2b"' in after
     assert 'ldserve_kept_fraction_bucket{le="0.05",scale="6"}' in after
     assert metric(after, "ldserve_requests_in_flight") == 0
+    # the in-process worker handed the result over (no read back from Redis; split mode: test_split)
+    assert metric(after, "ldserve_results_in_process_total") == metric(before, "ldserve_results_in_process_total") + 1
 
 
 def test_delivered_sync_jobs_drop_their_images(serve: Proc, rclient: redis.Redis) -> None:

@@ -83,6 +83,9 @@ def test_deadline_expiry_before_the_gpu(split: dict, rclient: redis.Redis) -> No
     wm = httpx.get(f"http://127.0.0.1:{w.port}/metrics").text
     assert metric(wm, 'ldserve_jobs_total{status="expired"}') == 1
     assert metric(wm, "ldserve_batch_size_count") == 0  # nothing reached the GPU
+    r = httpx.post(f"{api.url}/generate", json={"prompt": "sync in split mode"}, timeout=120)
+    assert r.status_code == 200 and decode(r.json()["data"][0]["b64_json"]).size == (256, 256)
+    assert metric(httpx.get(f"{api.url}/metrics").text, "ldserve_results_in_process_total") == 0  # read from Redis
 
 
 def test_sigkill_mid_job_is_reclaimed_by_another_worker(split: dict) -> None:

@@ -157,3 +157,42 @@ def test_png_strategies_are_lossless(strategy: str) -> None:
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")), rgb)
     if strategy != "default":
         assert data != encode(rgb.tobytes(), 64, 48, "png", png=PngParams(1, "default"))
+
+
+def test_finish_returns_the_hash_as_stored(redis_url: str) -> None:
+    """What `ldserve serve`'s worker hands the API threads is what HGETALL reads after FINISH,
+    admitted by the API's own script; a second FINISH (the job ended) stores and returns nothing."""
+    import asyncio
+    import os
+
+    import redis.asyncio as aredis
+
+    from service.queue import JobQueue, ensure_group, parse_job
+
+    keys = Keys(f"fin{uuid.uuid4().hex[:6]}")
+
+    async def admit() -> str:
+        c = aredis.Redis.from_url(redis_url)
+        try:
+            await ensure_group(c, keys)
+            job_id, _ = await JobQueue(c, keys, max_len=10, job_ttl_s=60).enqueue(spec(2), timeout_s=30,
+                                                                                  idempotency_key=None)
+            return job_id
+        finally:
+            await c.aclose()
+
+    job_id = asyncio.run(admit())
+    client = redis.Redis.from_url(redis_url)
+    q = WorkerQueue(client, keys, job_ttl_s=60)
+    [entry] = q.read_new("w1", 1, None)
+    assert q.start(job_id, "w1")[0] == "processing"
+    fields = {"result": json.dumps({"inference_s": 0.25, "images": []}), "img0": os.urandom(300), "img1": b"\0" * 9}
+    stored = q.finish(entry, "succeeded", fields)
+    assert stored is not None
+    on_redis = client.hgetall(keys.job(job_id))
+    assert {k: on_redis[k] for k in stored} == stored
+    job = parse_job(job_id, stored)
+    assert job == parse_job(job_id, on_redis)
+    assert job.status == "succeeded" and job.started_ms and job.completed_ms and len(job.images) == 2
+    assert q.finish(entry, "failed", {"error": "{}"}) is None
+    assert client.hget(keys.job(job_id), "status") == b"succeeded"
