@@ -74,10 +74,10 @@ class ServiceSettings(BaseSettings):
     rows encode to at least this fraction of that anyway (imaging.PngParams): 256 px noise 3-7 ->
     0.5-1 ms, 1024 px 115 -> 4.4 ms; drawn pictures and photos are compressed. 0: never stored."""
     png_filter: Literal["up", "adaptive"] = "up"
-    """PNG row filter. ``up`` (each row minus the one above, written by ldserve) encoded a 1024 px
-    photo in 45 ms instead of 111 ms and the tiny model's 256 px images in 3.3 instead of 8 ms, into
-    files 11-18 % larger; ``adaptive`` (Pillow: each row's best of the five filters) for the smallest
-    files at level 1 and above (service README)."""
+    """PNG row filter. ``up`` (each row minus the one above, written by ldserve, deflated by zlib-ng)
+    encoded a 1024 px photo in 35 ms instead of 111 ms and the tiny model's 256 px images in 1.6-2.4
+    instead of 8-9 ms, into files 11-18 % larger; ``adaptive`` (Pillow: each row's best of the five
+    filters) for the smallest files at level 1 and above (service README)."""
 
     @property
     def png(self) -> PngParams:
