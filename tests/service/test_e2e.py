@@ -464,8 +464,9 @@ def test_cancel_stops_a_running_batch_between_scales(serve: Proc, rclient: redis
     """Canceling the only job of a running batch stops the GPU at the next scale (the worker hears
     the cancel on the events channel) instead of finishing the batch for nobody."""
     before = metric(httpx.get(f"{serve.url}/metrics", headers=AUTH).text, "ldserve_batches_abandoned_total")
-    # 4 x 512 px: its scales take ~0.8 s here (then ~5 s of VAE decoding), time for the cancel to land
-    job = post(serve, "/generate", {"prompt": "long", "resolution": 512, "n": 4}, {"Prefer": "respond-async"}).json()
+    # 4 x 1024 px: its 13 scales take seconds here, time for the cancel to land on a loaded host (4 x 512 px
+    # took ~0.8 s and once ran out first while another test suite shared the 2 cores)
+    job = post(serve, "/generate", {"prompt": "long", "resolution": 1024, "n": 4}, {"Prefer": "respond-async"}).json()
     key = f"{serve.env['LDSERVE_KEY_PREFIX']}:job:{job['id']}"
     wait_for(lambda: rclient.hget(key, "status") == b"processing", 30, "job processing", serve, interval=0.01)
     assert httpx.post(f"{serve.url}/v1/jobs/{job['id']}/cancel", headers=AUTH).status_code == 200

@@ -1,0 +1,117 @@
+"""Generation routes: ``POST /generate`` and the OpenAI-compatible ``POST /v1/images/generations``
+(synchronous JSON or raw image, 202 jobs, event streams, signed links)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fastapi import BackgroundTasks, Request, Response
+
+from .. import file_urls
+from ..imaging import MEDIA_TYPES, encode, run_encode
+from ..queue import Job, JobQueue
+from . import convert
+from .deps import MetricsDep, NotifierDep, QueueDep, SettingsDep
+from .errors import ApiError
+from .jobflow import (
+    Timing,
+    accept_image,
+    async_response,
+    count_images,
+    delivered,
+    job_files,
+    raise_for,
+    submit,
+    sync_files,
+)
+from .routing import AcceptH, CancelAfterH, IdemH, PreferH, protected
+from .schemas import GenerateRequest, GenerateResponse, OpenAIImageRequest, OpenAIImagesResponse
+from .schemas import Job as JobModel
+from .streams import event_response, native_events, openai_stream
+
+
+@protected.post("/generate", response_model=GenerateResponse, status_code=200, tags=["generate"],
+                responses={202: {"model": JobModel},
+                           200: {"content": {**{m: {} for m in MEDIA_TYPES.values()}, "text/event-stream": {}}}})
+async def generate(body: GenerateRequest, request: Request, settings: SettingsDep, queue: QueueDep,
+                   notifier: NotifierDep,
+                   metrics: MetricsDep, response: Response, background: BackgroundTasks, prefer: PreferH = None,
+                   idem: IdemH = None, cancel_after: CancelAfterH = None, accept: AcceptH = None) -> Any:
+    """Generate images; synchronous by default (waits up to the server deadline)."""
+    timing = Timing()
+    spec = convert.spec_from_generate(body, settings)
+    if "text/event-stream" in (accept or "").lower() and "respond-async" not in (prefer or "").lower():
+        job, job_id, wait_s = await submit(spec, prefer=prefer, idem=idem, cancel_after=cancel_after,
+                                            settings=settings, queue=queue, notifier=notifier, metrics=metrics,
+                                            timing=timing, stream=True)
+        if job is None:
+            raise ApiError(404, f"job {job_id} no longer exists", code="job_not_found")
+        return event_response(native_events(job, settings, queue, metrics, deadline=time.monotonic() + wait_s,
+                                              owner=True, idem=idem), job.id, metrics)
+    raw_fmt = accept_image(accept)
+    if raw_fmt and spec.n != 1:
+        raise ApiError(406, "a raw image response needs n=1; use Accept: application/json", param="n",
+                       code="not_acceptable")
+    job, job_id, _ = await submit(spec, prefer=prefer, idem=idem, cancel_after=cancel_after, settings=settings,
+                                   queue=queue, notifier=notifier, metrics=metrics, timing=timing,
+                                   receive=request.receive)
+    if "respond-async" in (prefer or "").lower():
+        return await async_response(job, job_id, settings.png, queue, metrics)
+    job = raise_for(job, job_id)
+    delivered(job, idem, settings, queue, background)
+    if raw_fmt:
+        t = time.perf_counter()
+        data = await run_encode(spec.width * spec.height, encode, job.images[0], spec.width, spec.height, raw_fmt,
+                                 spec.quality, settings.png)
+        timing.add("encode", t)
+        count_images(metrics, raw_fmt, 1)
+        seed = str(job.spec.seeds[0])
+        return Response(data, media_type=MEDIA_TYPES[raw_fmt],
+                        headers={"x-seed": seed, "x-job-id": job.id, "Server-Timing": timing.header(job)})
+    return convert.generate_body(job, await sync_files(job, settings.png, metrics, timing, response))
+
+
+@protected.post("/v1/images/generations", response_model=OpenAIImagesResponse, tags=["openai"],
+                responses={202: {"model": JobModel}})
+async def images_generations(body: OpenAIImageRequest, request: Request, settings: SettingsDep, queue: QueueDep,
+                             notifier: NotifierDep, metrics: MetricsDep, response: Response,
+                             background: BackgroundTasks, prefer: PreferH = None, idem: IdemH = None,
+                             cancel_after: CancelAfterH = None) -> Any:
+    """OpenAI-compatible image generation (extensions: seed, negative_prompt, guidance_scale, pruning)."""
+    timing = Timing()
+    spec = convert.spec_from_openai(body, settings)
+    stream = body.stream and "respond-async" not in (prefer or "").lower()
+    job, job_id, wait_s = await submit(spec, prefer=prefer, idem=idem, cancel_after=cancel_after,
+                                        settings=settings, queue=queue, notifier=notifier, metrics=metrics,
+                                        timing=timing, receive=request.receive, stream=stream)
+    if stream:
+        if job is None:
+            raise ApiError(404, f"job {job_id} no longer exists", code="job_not_found")
+        return event_response(openai_stream(job, body.quality, time.monotonic() + wait_s, idem, settings, queue,
+                                              metrics), job.id, metrics)
+    if "respond-async" in (prefer or "").lower():
+        return await async_response(job, job_id, settings.png, queue, metrics)
+    job = raise_for(job, job_id)
+    if body.response_format == "url":
+        return await _url_response(job, body.quality, request, settings, queue, metrics, timing, response)
+    delivered(job, idem, settings, queue, background)
+    return convert.openai_body(job, await sync_files(job, settings.png, metrics, timing, response), body.quality)
+
+
+async def _url_response(job: Job, quality: str | None, request: Request, settings: SettingsDep, queue: JobQueue,
+                        metrics: MetricsDep, timing: Timing, response: Response) -> dict[str, Any]:
+    """``response_format: "url"``: the files are encoded into the job's record (which keeps them,
+    and its images, until its TTL) and answered as signed links to ``image_file``."""
+    t = time.perf_counter()
+    files = await job_files(job, settings.png, queue, metrics)
+    timing.add("encode", t)
+    if files is None:  # an earlier synchronous response delivered and dropped them
+        raise ApiError(410, f"the images of job {job.id} were already delivered", code="output_delivered")
+    response.headers["Server-Timing"] = timing.header(job)
+    base = settings.public_base_url or str(request.base_url).rstrip("/")
+    expires = (job.completed_ms or job.created_ms) // 1000 + settings.job_ttl_s
+    key = await queue.url_signing_key()
+    ext = job.spec.output_format
+    urls = [file_urls.signed_url(base, key, job.id, i, ext, expires) for i in range(len(files))]
+    return convert.openai_body(job, files, quality, urls)

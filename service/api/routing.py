@@ -1,0 +1,23 @@
+"""The two routers (``protected`` needs the API key when keys are set) and the shared header types."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Header
+
+from .deps import require_api_key
+from .schemas import ErrorResponse
+
+ERRORS: dict[int | str, dict[str, Any]] = {c: {"model": ErrorResponse} for c in (400, 401, 404, 409, 413, 422, 429,
+                                                                                  500, 503, 504)}
+protected = APIRouter(dependencies=[Depends(require_api_key)], responses=ERRORS)
+public = APIRouter()
+
+PreferH = Annotated[str | None, Header(description="'respond-async' answers 202 with a job")]
+IdemH = Annotated[str | None, Header(alias="Idempotency-Key", max_length=255,
+                                     description="Retries with the same key and body return the same job")]
+CancelAfterH = Annotated[str | None, Header(alias="Cancel-After", max_length=16,
+                                            description="Deadline: '30', '30s', '2m'; expired jobs never run")]
+AcceptH = Annotated[str | None, Header(description="image/png, image/jpeg or image/webp with n=1: raw image; "
+                                                   "text/event-stream: the job's events, as GET /v1/jobs/{id}/events")]
