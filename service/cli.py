@@ -18,6 +18,7 @@ import uvicorn
 from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
+from . import logs
 from .settings import ServiceSettings
 
 log = logging.getLogger("ldserve")
@@ -45,7 +46,7 @@ def _settings(args: argparse.Namespace) -> ServiceSettings:
 
 
 def _uvicorn_config(app: Any, s: ServiceSettings) -> uvicorn.Config:
-    return uvicorn.Config(app, host=s.host, port=s.port, log_level=s.log_level, access_log=False,
+    return uvicorn.Config(app, host=s.host, port=s.port, log_level=s.log_level, access_log=False, log_config=None,
                           timeout_graceful_shutdown=int(s.sync_timeout_s) + 5)
 
 
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--port", type=int, default=None)
     args = parser.parse_args(argv)
     s = _settings(args)
-    logging.basicConfig(level=s.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(s.log_level, s.log_format)
     {"serve": serve, "api": api, "worker": worker}[args.command](s)
 
 

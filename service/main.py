@@ -71,6 +71,7 @@ def create_app(settings: ServiceSettings, *, metrics: ApiMetrics | None = None,
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "Prefer",
                                           "Cancel-After", "x-request-id"],
-                           expose_headers=["x-request-id", "Retry-After", "Location"])
-    app.add_middleware(RequestMiddleware, metrics=api_metrics, max_body_bytes=settings.max_body_bytes)
+                           expose_headers=["x-request-id", "x-job-id", "Retry-After", "Location"])
+    app.add_middleware(RequestMiddleware, metrics=api_metrics, max_body_bytes=settings.max_body_bytes,
+                       access_log=settings.access_log)
     return app

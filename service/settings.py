@@ -115,6 +115,13 @@ class ServiceSettings(BaseSettings):
     max_n: int = Field(4, ge=1, le=16)
     default_pruning: str = "balanced"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["text", "json"] = "text"
+    """``json``: one JSON object per line (ts, level, logger, msg and a record's fields), for log
+    collectors; uvicorn's own messages included."""
+    access_log: bool = True
+    """One INFO line per HTTP request from the API (``ldserve.access``: method, route, status,
+    milliseconds, request id, job id when the response names one, client); health probes and
+    metrics scrapes at DEBUG, so a Kubernetes probe every few seconds does not flood the log."""
 
     @field_validator("api_keys", "cors_origins", mode="before")
     @classmethod

@@ -109,6 +109,7 @@ async def _url_response(job: Job, quality: str | None, request: Request, setting
     if files is None:  # an earlier synchronous response delivered and dropped them
         raise ApiError(410, f"the images of job {job.id} were already delivered", code="output_delivered")
     response.headers["Server-Timing"] = timing.header(job)
+    response.headers["x-job-id"] = job.id
     base = settings.public_base_url or str(request.base_url).rstrip("/")
     expires = (job.completed_ms or job.created_ms) // 1000 + settings.job_ttl_s
     key = await queue.url_signing_key()

@@ -153,7 +153,8 @@ async def async_response(job: Job | None, job_id: str, png: PngParams, queue: Jo
     if job is None:
         raise ApiError(404, f"job {job_id} no longer exists", code="job_not_found")
     files = await job_files(job, png, queue, metrics)
-    return JSONResponse(convert.job_body(job, files), status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
+    return JSONResponse(convert.job_body(job, files), status_code=202, headers={"Location": f"/v1/jobs/{job.id}",
+                                                                                    "x-job-id": job.id})
 
 
 
@@ -207,6 +208,7 @@ async def sync_files(job: Job, png: PngParams, metrics: MetricsDep, timing: Timi
     encoded = await delivered_files(job, png, metrics)
     timing.add("encode", t)
     response.headers["Server-Timing"] = timing.header(job)
+    response.headers["x-job-id"] = job.id
     return encoded
 
 

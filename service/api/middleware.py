@@ -1,4 +1,4 @@
-"""Pure ASGI middleware: x-request-id on every response, body-size limit, HTTP metrics."""
+"""Pure ASGI middleware: x-request-id on every response, body-size limit, HTTP metrics, access log."""
 
 from __future__ import annotations
 
@@ -6,12 +6,17 @@ import json
 import logging
 import time
 import uuid
+from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ..logs import ACCESS_LOGGER
 from ..metrics import ApiMetrics
 
 log = logging.getLogger(__name__)
+access = logging.getLogger(ACCESS_LOGGER)
+QUIET_PATHS = ("/health/live", "/health/ready", "/metrics")
+"""Logged at DEBUG: probes and scrapes come every few seconds."""
 
 
 def _error_body(status: int, message: str, code: str) -> bytes:
@@ -20,10 +25,11 @@ def _error_body(status: int, message: str, code: str) -> bytes:
 
 
 class RequestMiddleware:
-    def __init__(self, app: ASGIApp, *, metrics: ApiMetrics, max_body_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, *, metrics: ApiMetrics, max_body_bytes: int, access_log: bool = True) -> None:
         self.app = app
         self.metrics = metrics
         self.max_body = max_body_bytes
+        self.access_log = access_log
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -31,13 +37,15 @@ class RequestMiddleware:
             return
         t0 = time.perf_counter()
         rid = _request_id(scope)
-        state = {"status": 500, "started": False}
+        state: dict[str, Any] = {"status": 500, "started": False, "job": None}
 
         async def send_wrapped(message: Message) -> None:
             if message["type"] == "http.response.start":
                 state["status"] = message["status"]
                 state["started"] = True
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
+                headers = message.get("headers", [])
+                state["job"] = next((v.decode("latin-1") for k, v in headers if k.lower() == b"x-job-id"), None)
+                message["headers"] = [*headers, (b"x-request-id", rid.encode())]
             await send(message)
 
         try:
@@ -49,7 +57,10 @@ class RequestMiddleware:
             if not state["started"]:
                 await _send_error(send_wrapped, 500, "internal server error", "internal_error")
         finally:
-            self._observe(scope, int(state["status"]), time.perf_counter() - t0)
+            seconds = time.perf_counter() - t0
+            self._observe(scope, int(state["status"]), seconds)
+            if self.access_log:
+                _access(scope, int(state["status"]), seconds, rid, state["job"])
 
     async def _buffer_body(self, scope: Scope, receive: Receive, send: Send) -> Receive | None:
         """Read the body up to the limit (413 beyond it) and replay it to the app."""
@@ -87,6 +98,21 @@ class RequestMiddleware:
         template = getattr(route, "path", None) or "unmatched"
         self.metrics.http_requests.labels(route=template, method=scope["method"], status=str(status)).inc()
         self.metrics.request_duration.labels(route=template).observe(seconds)
+
+
+def _access(scope: Scope, status: int, seconds: float, rid: str, job_id: str | None) -> None:
+    path = scope.get("path", "")
+    level = logging.DEBUG if path in QUIET_PATHS else logging.INFO
+    if not access.isEnabledFor(level):
+        return
+    route = getattr(scope.get("route"), "path", None) or "unmatched"
+    client = scope.get("client")
+    ms = round(seconds * 1e3, 2)
+    access.log(level, "%s %s %d %.1f ms %s%s", scope["method"], path, status, ms, rid,
+               f" job={job_id}" if job_id else "",
+               extra={"fields": {"method": scope["method"], "path": path, "route": route, "status": status,
+                                 "duration_ms": ms, "request_id": rid, "job_id": job_id,
+                                 "client": client[0] if client else None}})
 
 
 def _request_id(scope: Scope) -> str:

@@ -478,3 +478,19 @@ def test_cancel_stops_a_running_batch_between_scales(serve: Proc, rclient: redis
     assert after == before + 1
     r = post(serve, "/generate", {"prompt": "next", "seed": 2})  # the worker goes on
     assert r.status_code == 200, r.text
+
+
+def test_access_log_names_request_and_job(serve: Proc) -> None:
+    """One access line per request with its request id and job (text format); probes stay out."""
+    r = post(serve, "/generate", {"prompt": "logged"}, {"x-request-id": "acc-text-1"})
+    assert r.status_code == 200 and r.headers["x-job-id"] == r.json()["id"]
+    assert httpx.get(f"{serve.url}/health/live", headers={"x-request-id": "acc-probe-1"}).status_code == 200
+    bad = post(serve, "/generate", {"prompt": "x", "n": 99}, {"x-request-id": "acc-text-2"})
+    assert bad.status_code == 422  # schema violation (n <= 4)
+    wait_for(lambda: b"acc-text-2" in serve.log.read_bytes(), 10, "access lines", serve)
+    lines = serve.log.read_text(errors="replace").splitlines()
+    ok = [line for line in lines if "acc-text-1" in line]
+    want = rf"ldserve\.access: POST /generate 200 [\d.]+ ms acc-text-1 job={r.json()['id']}$"
+    assert len(ok) == 1 and re.search(want, ok[0]), ok
+    assert any(re.search(r"ldserve\.access: POST /generate 422 [\d.]+ ms acc-text-2$", line) for line in lines)
+    assert not any("acc-probe-1" in line for line in lines)  # health probes log at DEBUG

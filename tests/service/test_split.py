@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 import uuid
@@ -19,7 +20,8 @@ from .test_e2e import decode, metric
 def split(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     tmp = tmp_path_factory.mktemp("split")
     prefix = f"split{uuid.uuid4().hex[:6]}"
-    common = {"api_keys": "", "max_queue_len": 3, "claim_idle_ms": 1500, "max_deliveries": 3, "max_batch_size": 4}
+    common = {"api_keys": "", "max_queue_len": 3, "claim_idle_ms": 1500, "max_deliveries": 3, "max_batch_size": 4,
+              "log_format": "json"}
     api = start("api", base_env(redis_url, prefix, **common), tmp, port=free_port())
     wait_for(lambda: up(api.url), 30, "api up", api)
     procs: list[Proc] = [api]
@@ -117,3 +119,17 @@ def test_sigterm_drains_without_losing_jobs(split: dict, rclient: redis.Redis) -
     assert rclient.xlen(f"{split['prefix']}:jobs") == statuses.count("queued")
     for i in ids:  # leave the queue empty
         httpx.post(f"{api.url}/v1/jobs/{i}/cancel")
+
+
+def test_json_logs(split: dict) -> None:
+    """LOG_FORMAT=json: every line the API process wrote is one JSON object, uvicorn's included,
+    and its access records carry the request's fields."""
+    api = split["api"]
+    assert httpx.get(f"{api.url}/v1/jobs/nope", headers={"x-request-id": "acc-json-1"}).status_code == 404
+    wait_for(lambda: b"acc-json-1" in api.log.read_bytes(), 10, "access record", api)
+    records = [json.loads(line) for line in api.log.read_text().splitlines() if line.strip()]
+    assert any(r["logger"].startswith("uvicorn") for r in records)
+    [rec] = [r for r in records if r.get("request_id") == "acc-json-1"]
+    assert rec["logger"] == "ldserve.access" and rec["level"] == "info" and rec["method"] == "GET"
+    assert rec["status"] == 404 and rec["route"] == "/v1/jobs/{job_id}" and rec["path"] == "/v1/jobs/nope"
+    assert rec["duration_ms"] > 0 and rec["client"] == "127.0.0.1" and rec["ts"].endswith("Z")
