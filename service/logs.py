@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -29,7 +30,10 @@ class JsonFormatter(logging.Formatter):
 
 def configure(level: str, fmt: str) -> None:
     """Root logging for every ``ldserve`` command; uvicorn's loggers propagate to it (the CLI
-    passes ``log_config=None``), so they share the format."""
+    passes ``log_config=None``), so they share the format. Hugging Face progress bars (transformers
+    draws one while loading the text encoder) are off unless HF_HUB_DISABLE_PROGRESS_BARS says
+    otherwise: a server's log is not a terminal, and a JSON log takes nothing but JSON lines."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
     root = logging.getLogger()

@@ -368,10 +368,20 @@ class Worker:
         self.s_per_image = 0.8 * self.s_per_image + 0.2 * out.seconds / images
         assert self.engine is not None
         self.metrics.gpu_memory.set(self.engine.gpu_memory_bytes())
-        if out.pruned:
-            realized = self.engine.realized_speedup([h.spec for h in live], out.seconds)
-            if realized is not None:
-                self.metrics.realized_speedup.observe(realized)
+        realized = self.engine.realized_speedup([h.spec for h in live], out.seconds) if out.pruned else None
+        if realized is not None:
+            self.metrics.realized_speedup.observe(realized)
+        flat = [img for imgs in out.images for img in imgs]
+        computed = sum(int(i.stats["tokens_computed"]) for i in flat)
+        full = sum(int(i.stats["tokens_full"]) for i in flat)
+        job_ids = [h.entry.job_id for h in live]
+        log.info("batch of %d job(s), %d image(s) at %dx%d: %.3f s, tokens %d of %d%s; jobs %s", len(live), images,
+                 flat[0].width, flat[0].height, out.seconds, computed, full,
+                 f", realized speedup {realized:.2f}x" if realized is not None else "", " ".join(job_ids),
+                 extra={"fields": {"job_ids": job_ids, "images": images, "width": flat[0].width,
+                                   "height": flat[0].height, "inference_s": round(out.seconds, 4),
+                                   "tokens_computed": computed, "tokens_full": full,
+                                   "realized_speedup": None if realized is None else round(realized, 3)}})
 
 
 def result_doc(spec: JobSpec, width: int, height: int, *, queue_wait_s: float, inference_s: float,

@@ -494,3 +494,6 @@ def test_access_log_names_request_and_job(serve: Proc) -> None:
     assert len(ok) == 1 and re.search(want, ok[0]), ok
     assert any(re.search(r"ldserve\.access: POST /generate 422 [\d.]+ ms acc-text-2$", line) for line in lines)
     assert not any("acc-probe-1" in line for line in lines)  # health probes log at DEBUG
+    # the worker's line for the batch names the same job
+    assert any(re.search(rf"service\.worker: batch of 1 job\(s\), 1 image\(s\) at 256x256: .* jobs {r.json()['id']}$",
+                         line) for line in lines)

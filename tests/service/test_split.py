@@ -133,3 +133,7 @@ def test_json_logs(split: dict) -> None:
     assert rec["logger"] == "ldserve.access" and rec["level"] == "info" and rec["method"] == "GET"
     assert rec["status"] == 404 and rec["route"] == "/v1/jobs/{job_id}" and rec["path"] == "/v1/jobs/nope"
     assert rec["duration_ms"] > 0 and rec["client"] == "127.0.0.1" and rec["ts"].endswith("Z")
+    # the drained worker's batches, as records with their fields (test_sigterm_drains_without_losing_jobs)
+    worker = [json.loads(line) for line in split["w2"].log.read_text().splitlines() if line.strip()]
+    batches = [r for r in worker if r["logger"] == "service.worker" and r["msg"].startswith("batch of")]
+    assert batches and all(r["job_ids"] and 0 < r["tokens_computed"] <= r["tokens_full"] for r in batches)
