@@ -109,24 +109,24 @@ class LeanClient:
         self.request = (b"POST /generate HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
                         b"Content-Length: %d\r\n\r\n%s" % (host.encode(), len(body), body))
 
+    def _recv(self) -> bytes:
+        chunk = self.sock.recv(1 << 20)
+        if not chunk:
+            raise ConnectionError("server closed the connection")
+        return chunk
+
     def post(self) -> tuple[int, dict[str, str], bytes]:
         self.sock.sendall(self.request)
         buf = b""
         while b"\r\n\r\n" not in buf:
-            chunk = self.sock.recv(1 << 20)
-            if not chunk:
-                raise ConnectionError("server closed the connection")
-            buf += chunk
+            buf += self._recv()
         head, _, body = buf.partition(b"\r\n\r\n")
         lines = head.decode("latin-1").split("\r\n")
         headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
         parts, size, need = [body], len(body), int(headers["content-length"])
         while size < need:
-            chunk = self.sock.recv(1 << 20)
-            if not chunk:
-                raise ConnectionError("server closed the connection")
-            parts.append(chunk)
-            size += len(chunk)
+            parts.append(self._recv())
+            size += len(parts[-1])
         return int(lines[0].split()[1]), headers, b"".join(parts)
 
     def close(self) -> None:

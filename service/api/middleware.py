@@ -44,7 +44,8 @@ class RequestMiddleware:
                 state["status"] = message["status"]
                 state["started"] = True
                 headers = message.get("headers", [])
-                state["job"] = next((v.decode("latin-1") for k, v in headers if k.lower() == b"x-job-id"), None)
+                if self.access_log:
+                    state["job"] = next((v.decode("latin-1") for k, v in headers if k.lower() == b"x-job-id"), None)
                 message["headers"] = [*headers, (b"x-request-id", rid.encode())]
             await send(message)
 
@@ -58,9 +59,10 @@ class RequestMiddleware:
                 await _send_error(send_wrapped, 500, "internal server error", "internal_error")
         finally:
             seconds = time.perf_counter() - t0
-            self._observe(scope, int(state["status"]), seconds)
+            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            self._observe(scope, route, int(state["status"]), seconds)
             if self.access_log:
-                _access(scope, int(state["status"]), seconds, rid, state["job"])
+                _access(scope, route, int(state["status"]), seconds, rid, state["job"])
 
     async def _buffer_body(self, scope: Scope, receive: Receive, send: Send) -> Receive | None:
         """Read the body up to the limit (413 beyond it) and replay it to the app."""
@@ -93,19 +95,17 @@ class RequestMiddleware:
 
         return replay
 
-    def _observe(self, scope: Scope, status: int, seconds: float) -> None:
-        route = scope.get("route")
-        template = getattr(route, "path", None) or "unmatched"
-        self.metrics.http_requests.labels(route=template, method=scope["method"], status=str(status)).inc()
-        self.metrics.request_duration.labels(route=template).observe(seconds)
+    def _observe(self, scope: Scope, route: str, status: int, seconds: float) -> None:
+        self.metrics.http_requests.labels(route=route, method=scope["method"], status=str(status)).inc()
+        self.metrics.request_duration.labels(route=route).observe(seconds)
 
 
-def _access(scope: Scope, status: int, seconds: float, rid: str, job_id: str | None) -> None:
+def _access(scope: Scope, route: str, status: int, seconds: float, rid: str, job_id: str | None) -> None:
+    """``route``: the matched route's template ("unmatched" if none)."""
     path = scope.get("path", "")
     level = logging.DEBUG if path in QUIET_PATHS else logging.INFO
     if not access.isEnabledFor(level):
         return
-    route = getattr(scope.get("route"), "path", None) or "unmatched"
     client = scope.get("client")
     ms = round(seconds * 1e3, 2)
     access.log(level, "%s %s %d %.1f ms %s%s", scope["method"], path, status, ms, rid,
