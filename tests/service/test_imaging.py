@@ -12,6 +12,7 @@ import pytest
 from PIL import Image, ImageDraw
 from pydantic import ValidationError
 
+from service import imaging
 from service.imaging import PngParams, encode, stored_png
 from service.settings import ServiceSettings
 
@@ -71,14 +72,58 @@ def test_png_is_lossless_and_stored_only_when_incompressible(name: str, png_filt
     assert filters == {2} if png_filter == "up" else filters != {0}
 
 
+@pytest.mark.parametrize("slices", [1, 2, 5])
 @pytest.mark.parametrize(("h", "w"), [(1, 1), (1, 40), (7, 5), (300, 257), (3, 21845)])
-def test_up_filter_rows(h: int, w: int) -> None:
-    """Every row is itself minus the row above (mod 256), the first against zeros; decoders agree."""
+def test_up_filter_rows(h: int, w: int, slices: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every row is itself minus the row above (mod 256), the first against zeros; decoders agree;
+    whether the rows were filtered and deflated in one slice or several (up to one per row: the
+    slices' Adler-32s combine into the one zlib checks)."""
+    monkeypatch.setattr(imaging, "PNG_SLICES", slices)
+    monkeypatch.setattr(imaging, "PNG_SLICE_BYTES", 1)
     rgb = np.ascontiguousarray(np.tile(photo(), (h // 256 + 1, w // 256 + 1, 1))[:h, :w])
     data = encode(rgb.tobytes(), w, h, "png", png=PngParams(stored_ratio=0))
     above = np.concatenate([np.zeros((1, w, 3), np.uint8), rgb[:-1]])
     assert idat(data) == b"".join(b"\2" + (rgb[y] - above[y]).tobytes() for y in range(h))
     assert np.array_equal(decode(data), rgb)
+
+
+def test_slices_cost_next_to_nothing_and_the_default_splits_large_images(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every slice restarts deflate's history (rle: one pixel) and ends in a sync flush."""
+    rgb = photo()
+    monkeypatch.setattr(imaging, "PNG_SLICES", 1)
+    one = encode(rgb.tobytes(), 256, 256, "png")
+    monkeypatch.setattr(imaging, "PNG_SLICES", 4)
+    four = encode(rgb.tobytes(), 256, 256, "png")
+    assert one != four and np.array_equal(decode(four), rgb) and len(four) < len(one) * 1.002
+    plan = imaging._up_png(rgb.tobytes(), 256, 256, imaging.DEFAULT_PNG)
+    assert isinstance(plan, imaging.UpPng) and plan.slices == 4  # 197 KB of rows: 3 slices of 64 KiB, capped at 4
+    small = imaging._up_png(shapes().tobytes(), 128, 96, imaging.DEFAULT_PNG)
+    assert isinstance(small, imaging.UpPng) and small.slices == 1
+
+
+@pytest.mark.parametrize("split", [0, 1, 65520, 65521, 65522, 200_000, 299_999, 300_000])
+def test_adler32_of_a_concatenation(split: int) -> None:
+    data = np.random.default_rng(split).integers(0, 256, 300_000, dtype=np.uint8).tobytes()
+    a, b = data[:split], data[split:]
+    assert imaging._adler32_concat(zlib.adler32(a), zlib.adler32(b), len(b)) == zlib.adler32(data)
+
+
+def test_a_failing_slice_fails_the_encode(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An error on a pool thread reaches the caller, after every other slice has ended."""
+    ran: list[int] = []
+    real = imaging.UpPng.run
+
+    def run(self: imaging.UpPng, i: int) -> None:
+        ran.append(i)
+        if i == 2:
+            raise MemoryError("slice 2")
+        real(self, i)
+
+    monkeypatch.setattr(imaging.UpPng, "run", run)
+    monkeypatch.setattr(imaging, "PNG_SLICES", 4)
+    with pytest.raises(MemoryError, match="slice 2"):
+        encode(photo().tobytes(), 256, 256, "png")
+    assert sorted(ran) == [0, 1, 2, 3]
 
 
 def test_up_filter_beats_stored_on_a_smooth_photo_and_adaptive_is_smaller() -> None:
