@@ -39,6 +39,7 @@ redis.call('EXPIRE', KEYS[3], ttl)
 """
 
 # KEYS: stream, job, idem ; ARGV: max_len, trim_len, job_id, spec, timeout_ms, ttl, payload_hash, idem_ttl, use_idem
+# The stream entry carries the spec too (~0.5 KB), so a worker need not read it from the job hash.
 ENQUEUE = _NOW + """
 if ARGV[9] == '1' then
   local existing = redis.call('GET', KEYS[3])
@@ -54,7 +55,8 @@ local depth = redis.call('XLEN', KEYS[1])
 if depth >= tonumber(ARGV[1]) then return {'full', tostring(depth), ''} end
 local deadline = 0
 if tonumber(ARGV[5]) > 0 then deadline = now + tonumber(ARGV[5]) end
-local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'job_id', ARGV[3], 'deadline_ms', deadline)
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'job_id', ARGV[3], 'deadline_ms', deadline,
+                      'spec', ARGV[4])
 redis.call('HSET', KEYS[2], 'status', 'queued', 'created_ms', now, 'deadline_ms', deadline, 'spec', ARGV[4],
            'entry_id', id)
 redis.call('EXPIRE', KEYS[2], ARGV[6])

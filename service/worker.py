@@ -262,7 +262,7 @@ class Worker:
 
     def _admit(self, e: Entry) -> None:
         try:
-            spec = self.queue.spec(e.job_id)
+            spec = self.queue.spec(e)
         except KeyError:  # job hash expired: nothing to run, just ack
             self.queue.finish(e, "expired", {})
             return

@@ -28,13 +28,16 @@ class Entry:
     """From the stream ID (Redis clock)."""
     started_ms: int = 0
     """Redis clock when the job was marked processing."""
+    spec_json: bytes | None = None
+    """The job's spec as the entry carries it (entries written before it did: None)."""
 
 
 def _entry(eid: bytes, fields: dict[bytes, bytes] | None, deliveries: int = 1) -> Entry | None:
     if not fields or b"job_id" not in fields:
         return None
     e = eid.decode()
-    return Entry(e, fields[b"job_id"].decode(), deliveries, time.monotonic(), int(e.split("-")[0]))
+    return Entry(e, fields[b"job_id"].decode(), deliveries, time.monotonic(), int(e.split("-")[0]),
+                 spec_json=fields.get(b"spec"))
 
 
 class WorkerQueue:
@@ -87,10 +90,11 @@ class WorkerQueue:
         st, now, deadline = self._start(keys=[self.keys.job(job_id)], args=[consumer])
         return st.decode(), int(now), int(deadline)
 
-    def spec(self, job_id: str) -> JobSpec:
-        raw = self.client.hget(self.keys.job(job_id), "spec")
+    def spec(self, entry: Entry) -> JobSpec:
+        """From the entry, else (an entry without one) from the job hash: KeyError if it expired."""
+        raw = entry.spec_json if entry.spec_json is not None else self.client.hget(self.keys.job(entry.job_id), "spec")
         if raw is None:
-            raise KeyError(job_id)
+            raise KeyError(entry.job_id)
         return JobSpec.model_validate_json(raw)
 
     def finish(self, entry: Entry, status: str, fields: dict[str, Any]) -> dict[bytes, bytes] | None:

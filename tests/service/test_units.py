@@ -196,3 +196,40 @@ def test_finish_returns_the_hash_as_stored(redis_url: str) -> None:
     assert job.status == "succeeded" and job.started_ms and job.completed_ms and len(job.images) == 2
     assert q.finish(entry, "failed", {"error": "{}"}) is None
     assert client.hget(keys.job(job_id), "status") == b"succeeded"
+
+
+def test_the_stream_entry_carries_the_spec(redis_url: str) -> None:
+    """The worker takes a job's spec from its stream entry (no read of the job hash); an entry
+    without one (written before entries carried it) falls back to the hash, and a job whose hash
+    expired meanwhile is refused by START and acked without running."""
+    import asyncio
+
+    import redis.asyncio as aredis
+
+    from service.queue import JobQueue, ensure_group
+
+    keys = Keys(f"ent{uuid.uuid4().hex[:6]}")
+    sent = spec(3, h_div_w=0.5)
+
+    async def admit() -> str:
+        c = aredis.Redis.from_url(redis_url)
+        try:
+            await ensure_group(c, keys)
+            return (await JobQueue(c, keys, max_len=10, job_ttl_s=60).enqueue(sent, timeout_s=30,
+                                                                             idempotency_key=None))[0]
+        finally:
+            await c.aclose()
+
+    job_id = asyncio.run(admit())
+    client = redis.Redis.from_url(redis_url)
+    q = WorkerQueue(client, keys, job_ttl_s=60)
+    old_id = client.xadd(keys.stream, {"job_id": job_id, "deadline_ms": 0}).decode()  # an entry of the old shape
+    new, old = q.read_new("w1", 2, None)
+    assert new.job_id == old.job_id == job_id and old.entry_id == old_id and old.spec_json is None
+    assert q.spec(new) == q.spec(old) == sent
+    client.delete(keys.job(job_id))  # the hash expired
+    assert q.spec(new) == sent
+    with pytest.raises(KeyError):
+        q.spec(old)
+    assert q.start(job_id, "w1")[0] == "missing"
+    assert q.finish(new, "missing", {}) is None and client.xpending(keys.stream, keys.group)["pending"] == 1
