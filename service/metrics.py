@@ -57,6 +57,9 @@ class ApiMetrics:
         self.results_in_process = Counter(f"{P}_results_in_process", "Results a waiting request took from the "
                                           "in-process worker (ldserve serve) instead of reading them from Redis",
                                           registry=registry)
+        self.images_encoded_ahead = Counter(f"{P}_images_encoded_ahead", "Images a synchronous response encoded "
+                                            "while the in-process worker (ldserve serve) was still storing them",
+                                            registry=registry)
         self.queue = QueueCollector()
         registry.register(self.queue)
 

@@ -200,6 +200,12 @@ LOCAL_HANDOVER_WAIT_S = 0.05
 worker has in flight (its hand-over follows within about a millisecond)."""
 
 
+Deliver = Callable[[str, dict[bytes, bytes] | None], None]
+"""(job id, its stored hash or None): a finished job, on the API's loop."""
+Ahead = Callable[[str, list[bytes]], None]
+"""(job id, its images): a job whose FINISH is about to run, on the API's loop."""
+
+
 class LocalResults:
     """``ldserve serve`` only (API and worker threads in one process): the worker hands each job it
     stored to this process's waiters as the hash it just wrote (``WorkerQueue.finish``), so a
@@ -207,26 +213,33 @@ class LocalResults:
     The hash is what HGETALL would have read at that moment; waiters in other API processes still
     go through pub/sub and Redis. FINISH publishes the job's completion from inside Redis, which
     can reach the API before FINISH's reply reaches the worker thread: ``finishing`` marks the
-    jobs in that window, so a waiter woken early waits for the hand-over instead of reading."""
+    jobs in that window, so a waiter woken early waits for the hand-over instead of reading.
+    ``finishing`` also hands the job's images over ahead of its FINISH, so a response can encode
+    them meanwhile (its files are used only if the stored job holds the same images)."""
 
     def __init__(self) -> None:
-        self._target: tuple[asyncio.AbstractEventLoop, Callable[[str, dict[bytes, bytes] | None], None]] | None = None
+        self._target: tuple[asyncio.AbstractEventLoop, Deliver, Ahead] | None = None
         self._finishing: set[str] = set()
         self._lock = threading.Lock()
 
-    def attach(self, loop: asyncio.AbstractEventLoop,
-               deliver: Callable[[str, dict[bytes, bytes] | None], None]) -> None:
+    def attach(self, loop: asyncio.AbstractEventLoop, deliver: Deliver, ahead: Ahead) -> None:
         with self._lock:
-            self._target = (loop, deliver)
+            self._target = (loop, deliver, ahead)
 
     def detach(self) -> None:
         with self._lock:
             self._target = None
 
-    def finishing(self, job_id: str) -> None:
-        """From the worker thread, before its FINISH call for the job."""
+    def finishing(self, job_id: str, images: list[bytes]) -> None:
+        """From the worker thread, before its FINISH call for the job (which stores ``images``)."""
         with self._lock:
             self._finishing.add(job_id)
+            target = self._target
+        if target is not None:
+            try:
+                target[0].call_soon_threadsafe(target[2], job_id, images)
+            except RuntimeError:  # the loop closed meanwhile (shutdown)
+                pass
 
     def is_finishing(self, job_id: str) -> bool:
         with self._lock:
@@ -247,8 +260,7 @@ class LocalResults:
             with self._lock:
                 self._finishing.discard(job_id)
 
-    def _handover(self, deliver: Callable[[str, dict[bytes, bytes] | None], None], job_id: str,
-                  stored: dict[bytes, bytes] | None) -> None:
+    def _handover(self, deliver: Deliver, job_id: str, stored: dict[bytes, bytes] | None) -> None:
         with self._lock:
             self._finishing.discard(job_id)
         deliver(job_id, stored)
@@ -265,13 +277,14 @@ class Notifier:
         self.local = local
         self.on_local_read = on_local_read
         self._waiters: dict[str, set[asyncio.Event]] = {}
+        self._on_images: dict[asyncio.Event, Callable[[list[bytes]], None]] = {}
         self._stored: dict[str, dict[bytes, bytes]] = {}
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._listen(), name="ldserve-notifier")
         if self.local is not None:
-            self.local.attach(asyncio.get_running_loop(), self._deliver)
+            self.local.attach(asyncio.get_running_loop(), self._deliver, self._ahead)
 
     async def stop(self) -> None:
         if self.local is not None:
@@ -287,6 +300,15 @@ class Notifier:
                 self._stored[job_id] = stored
             for ev in evs:
                 ev.set()
+
+    def _ahead(self, job_id: str, images: list[bytes]) -> None:
+        for ev in self._waiters.get(job_id, ()):
+            hook = self._on_images.get(ev)
+            if hook is not None:
+                try:
+                    hook(images)
+                except Exception:  # noqa: BLE001 - a head start only: the waiter encodes on its own
+                    log.exception("on_images for job %s failed", job_id)
 
     async def _listen(self) -> None:
         while True:
@@ -319,13 +341,17 @@ class Notifier:
             self.on_local_read()
         return parse_job(job_id, stored)
 
-    async def wait(self, job_id: str, timeout_s: float) -> Job | None:
+    async def wait(self, job_id: str, timeout_s: float,
+                   on_images: Callable[[list[bytes]], None] | None = None) -> Job | None:
         """Wait until the job is terminal or the timeout passes; returns the job as last read (None if
         it no longer exists). Each check reads the whole hash, so the wake-up that finds the job
         terminal already holds its result: one Redis round trip instead of a status read and a get
-        (none when the in-process worker handed the stored hash over)."""
+        (none when the in-process worker handed the stored hash over). ``on_images`` (on this loop):
+        the in-process worker's images of the job, ahead of storing them; not called otherwise."""
         ev = asyncio.Event()
         self._waiters.setdefault(job_id, set()).add(ev)
+        if on_images is not None:
+            self._on_images[ev] = on_images
         deadline = time.monotonic() + timeout_s
         try:
             while True:
@@ -339,6 +365,7 @@ class Notifier:
                     pass
                 ev.clear()
         finally:
+            self._on_images.pop(ev, None)
             self._waiters[job_id].discard(ev)
             if not self._waiters[job_id]:
                 del self._waiters[job_id]

@@ -25,7 +25,7 @@ import redis
 
 from . import __version__
 from .batching import Held, batch_images, select_batch, should_dispatch
-from .engine_client import BatchAbandoned, BatchOut, EngineClient
+from .engine_client import BatchAbandoned, BatchOut, EngineClient, ImageOut
 from .keys import Keys
 from .metrics import WorkerMetrics
 from .queue import LocalResults
@@ -335,31 +335,37 @@ class Worker:
             self.metrics.jobs.labels(status=status).inc()
 
     def _store(self, live: list[Held], out: BatchOut) -> None:
-        for h, imgs in zip(live, out.images, strict=True):
-            result = result_doc(h.spec, imgs[0].width, imgs[0].height,
-                                queue_wait_s=(h.entry.started_ms - h.entry.created_ms) / 1000,
-                                inference_s=out.seconds, batch_images=batch_images(live),
-                                per_image=[{"stats": i.stats, "prompt_truncated": i.prompt_truncated} for i in imgs],
-                                worker_s=time.monotonic() - h.entry.claimed_at)
-            fields: dict[str, Any] = {"result": json.dumps(result)}
-            fields.update({f"img{k}": img.rgb for k, img in enumerate(imgs)})
-            stored = self._finish_local(h, fields)
+        """FINISH each job as succeeded. With ``local_results`` (``ldserve serve``), every job's images
+        go to the API threads first (their responses start encoding while the FINISHes write to
+        Redis), then each stored hash as its FINISH returns."""
+        local = self.local_results
+        if local is not None:
+            for h, imgs in zip(live, out.images, strict=True):
+                local.finishing(h.entry.job_id, [img.rgb for img in imgs])
+        for i, (h, imgs) in enumerate(zip(live, out.images, strict=True)):
+            try:
+                stored = self.queue.finish(h.entry, "succeeded", self._result_fields(h, imgs, live, out))
+            except BaseException:
+                if local is not None:  # (Redis) its waiters, and those of the jobs after it, read Redis
+                    for later in live[i:]:
+                        local.put(later.entry.job_id, None)
+                raise
+            if local is not None:
+                local.put(h.entry.job_id, stored)
             self._end(h, "succeeded", stored is not None)
             if stored is not None:
                 for img in imgs:
                     self.metrics.record_sample(img.stats)
 
-    def _finish_local(self, h: Held, fields: dict[str, Any]) -> dict[bytes, bytes] | None:
-        """FINISH as succeeded; with ``local_results``, the stored hash goes to the API threads too."""
-        if self.local_results is None:
-            return self.queue.finish(h.entry, "succeeded", fields)
-        stored = None
-        self.local_results.finishing(h.entry.job_id)
-        try:
-            stored = self.queue.finish(h.entry, "succeeded", fields)
-        finally:
-            self.local_results.put(h.entry.job_id, stored)
-        return stored
+    def _result_fields(self, h: Held, imgs: list[ImageOut], live: list[Held], out: BatchOut) -> dict[str, Any]:
+        result = result_doc(h.spec, imgs[0].width, imgs[0].height,
+                            queue_wait_s=(h.entry.started_ms - h.entry.created_ms) / 1000,
+                            inference_s=out.seconds, batch_images=batch_images(live),
+                            per_image=[{"stats": i.stats, "prompt_truncated": i.prompt_truncated} for i in imgs],
+                            worker_s=time.monotonic() - h.entry.claimed_at)
+        fields: dict[str, Any] = {"result": json.dumps(result)}
+        fields.update({f"img{k}": img.rgb for k, img in enumerate(imgs)})
+        return fields
 
     def _observe_batch(self, live: list[Held], out: BatchOut) -> None:
         images = batch_images(live)

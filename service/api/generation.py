@@ -9,16 +9,16 @@ from typing import Any
 from fastapi import BackgroundTasks, Request, Response
 
 from .. import file_urls
-from ..imaging import MEDIA_TYPES, encode, run_encode
+from ..imaging import MEDIA_TYPES
 from ..queue import Job, JobQueue
 from . import convert
 from .deps import MetricsDep, NotifierDep, QueueDep, SettingsDep
 from .errors import ApiError
 from .jobflow import (
+    ResponseFiles,
     Timing,
     accept_image,
     async_response,
-    count_images,
     delivered,
     job_files,
     raise_for,
@@ -53,23 +53,20 @@ async def generate(body: GenerateRequest, request: Request, settings: SettingsDe
     if raw_fmt and spec.n != 1:
         raise ApiError(406, "a raw image response needs n=1; use Accept: application/json", param="n",
                        code="not_acceptable")
+    files = ResponseFiles(spec, raw_fmt or spec.output_format, settings.png, metrics)
     job, job_id, _ = await submit(spec, prefer=prefer, idem=idem, cancel_after=cancel_after, settings=settings,
                                    queue=queue, notifier=notifier, metrics=metrics, timing=timing,
-                                   receive=request.receive)
+                                   receive=request.receive, files=files)
     if "respond-async" in (prefer or "").lower():
         return await async_response(job, job_id, settings.png, queue, metrics)
     job = raise_for(job, job_id)
     delivered(job, idem, settings, queue, background)
+    encoded = await sync_files(job, files, metrics, timing, response)
     if raw_fmt:
-        t = time.perf_counter()
-        data = await run_encode(spec.width * spec.height, encode, job.images[0], spec.width, spec.height, raw_fmt,
-                                 spec.quality, settings.png)
-        timing.add("encode", t)
-        count_images(metrics, raw_fmt, 1)
-        seed = str(job.spec.seeds[0])
-        return Response(data, media_type=MEDIA_TYPES[raw_fmt],
-                        headers={"x-seed": seed, "x-job-id": job.id, "Server-Timing": timing.header(job)})
-    return convert.generate_body(job, await sync_files(job, settings.png, metrics, timing, response))
+        return Response(encoded[0], media_type=MEDIA_TYPES[raw_fmt],
+                        headers={"x-seed": str(job.spec.seeds[0]), "x-job-id": job.id,
+                                 "Server-Timing": response.headers["Server-Timing"]})
+    return convert.generate_body(job, encoded)
 
 
 @protected.post("/v1/images/generations", response_model=OpenAIImagesResponse, tags=["openai"],
@@ -82,9 +79,11 @@ async def images_generations(body: OpenAIImageRequest, request: Request, setting
     timing = Timing()
     spec = convert.spec_from_openai(body, settings)
     stream = body.stream and "respond-async" not in (prefer or "").lower()
+    files = ResponseFiles(spec, spec.output_format, settings.png, metrics)
     job, job_id, wait_s = await submit(spec, prefer=prefer, idem=idem, cancel_after=cancel_after,
                                         settings=settings, queue=queue, notifier=notifier, metrics=metrics,
-                                        timing=timing, receive=request.receive, stream=stream)
+                                        timing=timing, receive=request.receive, stream=stream,
+                                        files=None if body.response_format == "url" else files)
     if stream:
         if job is None:
             raise ApiError(404, f"job {job_id} no longer exists", code="job_not_found")
@@ -96,7 +95,7 @@ async def images_generations(body: OpenAIImageRequest, request: Request, setting
     if body.response_format == "url":
         return await _url_response(job, body.quality, request, settings, queue, metrics, timing, response)
     delivered(job, idem, settings, queue, background)
-    return convert.openai_body(job, await sync_files(job, settings.png, metrics, timing, response), body.quality)
+    return convert.openai_body(job, await sync_files(job, files, metrics, timing, response), body.quality)
 
 
 async def _url_response(job: Job, quality: str | None, request: Request, settings: SettingsDep, queue: JobQueue,

@@ -13,7 +13,7 @@ from fastapi import BackgroundTasks, Response
 from fastapi.responses import JSONResponse
 from starlette.types import Receive
 
-from ..imaging import MEDIA_TYPES, PngParams, run_encode
+from ..imaging import MEDIA_TYPES, PngParams, encode_all, run_encode
 from ..queue import IdempotencyMismatch, Job, JobQueue, QueueFull
 from ..spec import JobSpec
 from . import convert
@@ -78,6 +78,34 @@ class Timing:
         return ", ".join(f"{k};dur={v:.2f}" for k, v in ms.items())
 
 
+class ResponseFiles:
+    """A synchronous response's image files: ``fmt`` at the job's size and quality. With ``ldserve
+    serve`` they are encoded from the images the in-process worker hands over before storing them
+    (``Notifier.wait``'s ``on_images``), so the encoding overlaps the worker's Redis write and the
+    hand-over; those files are used only if the finished job holds the very same images. Otherwise
+    (split mode, a job another request started) they are encoded from the job when asked."""
+
+    def __init__(self, spec: JobSpec, fmt: str, png: PngParams, metrics: MetricsDep) -> None:
+        self.spec, self.fmt, self.png, self.metrics = spec, fmt, png, metrics
+        self._ahead: tuple[list[bytes], asyncio.Future[list[bytes]]] | None = None
+
+    def start(self, images: list[bytes]) -> None:
+        if self._ahead is None and len(images) == self.spec.n:
+            task = asyncio.ensure_future(self._encode(self.spec, images))
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())  # unused, a failure is no error
+            self._ahead = (images, task)
+
+    async def _encode(self, spec: JobSpec, images: list[bytes]) -> list[bytes]:
+        return await run_encode(spec.width * spec.height * len(images), encode_all, images, spec.width, spec.height,
+                                self.fmt, spec.quality, self.png)
+
+    async def of(self, job: Job) -> list[bytes]:
+        if self._ahead is not None and self._ahead[0] == job.images:
+            self.metrics.images_encoded_ahead.inc(len(job.images))
+            return await self._ahead[1]
+        return await self._encode(job.spec, job.images)
+
+
 async def _disconnected(receive: Receive) -> None:
     """Returns when the client has gone (the body was read already: uvicorn's next message is the
     disconnect; a server that answers at once with empty body messages is polled, not spun on)."""
@@ -101,8 +129,9 @@ async def _wait_unless_gone(waiting: Awaitable[Job | None], receive: Receive | N
 async def submit(spec: JobSpec, *, prefer: str | None, idem: str | None, cancel_after: str | None,
                   settings: SettingsDep, queue: QueueDep, notifier: NotifierDep,
                   metrics: MetricsDep, timing: Timing, receive: Receive | None = None,
-                  stream: bool = False) -> tuple[Job | None, str, float]:
-    """Admit the job; for a synchronous request wait for it. A synchronous client that disconnects
+                  stream: bool = False, files: ResponseFiles | None = None) -> tuple[Job | None, str, float]:
+    """Admit the job; for a synchronous request wait for it (``files``: to encode its images ahead
+    when the in-process worker hands them over). A synchronous client that disconnects
     first (closed tab, client timeout before an SDK retry) cancels its job, so the GPU does not run
     work nobody will read: unless it sent an Idempotency-Key, whose retry attaches to the same job.
     ``stream``: admitted with the synchronous deadline, not waited for (the caller streams it)."""
@@ -121,7 +150,7 @@ async def submit(spec: JobSpec, *, prefer: str | None, idem: str | None, cancel_
         raise ApiError(422, str(e), param="Idempotency-Key", code="idempotency_key_reused") from None
     if is_async or stream:
         return await queue.get(job_id), job_id, wait_s
-    job, gone = await _wait_unless_gone(notifier.wait(job_id, wait_s), receive)
+    job, gone = await _wait_unless_gone(notifier.wait(job_id, wait_s, files.start if files else None), receive)
     timing.add("wait", t)
     if gone:
         if idem is None:
@@ -202,10 +231,12 @@ async def delivered_files(job: Job, png: PngParams, metrics: MetricsDep) -> list
     return encoded
 
 
-async def sync_files(job: Job, png: PngParams, metrics: MetricsDep, timing: Timing, response: Response) -> list[bytes]:
-    """A synchronous JSON response's files, timed into its Server-Timing header."""
+async def sync_files(job: Job, files: ResponseFiles, metrics: MetricsDep, timing: Timing,
+                     response: Response) -> list[bytes]:
+    """A synchronous response's files (handed over once: counted), timed into its Server-Timing header."""
     t = time.perf_counter()
-    encoded = await delivered_files(job, png, metrics)
+    encoded = await files.of(job)
+    count_images(metrics, files.fmt, len(encoded))
     timing.add("encode", t)
     response.headers["Server-Timing"] = timing.header(job)
     response.headers["x-job-id"] = job.id

@@ -289,6 +289,9 @@ def test_metrics_appear_and_move(serve: Proc) -> None:
     assert metric(after, "ldserve_requests_in_flight") == 0
     # the in-process worker handed the result over (no read back from Redis; split mode: test_split)
     assert metric(after, "ldserve_results_in_process_total") == metric(before, "ldserve_results_in_process_total") + 1
+    # and its images before that, so the response encoded them while the worker stored them
+    ahead = "ldserve_images_encoded_ahead_total"
+    assert metric(after, ahead) == metric(before, ahead) + 1
 
 
 def test_delivered_sync_jobs_drop_their_images(serve: Proc, rclient: redis.Redis) -> None:

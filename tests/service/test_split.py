@@ -87,7 +87,9 @@ def test_deadline_expiry_before_the_gpu(split: dict, rclient: redis.Redis) -> No
     assert metric(wm, "ldserve_batch_size_count") == 0  # nothing reached the GPU
     r = httpx.post(f"{api.url}/generate", json={"prompt": "sync in split mode"}, timeout=120)
     assert r.status_code == 200 and decode(r.json()["data"][0]["b64_json"]).size == (256, 256)
-    assert metric(httpx.get(f"{api.url}/metrics").text, "ldserve_results_in_process_total") == 0  # read from Redis
+    am = httpx.get(f"{api.url}/metrics").text
+    assert metric(am, "ldserve_results_in_process_total") == 0  # read from Redis
+    assert metric(am, "ldserve_images_encoded_ahead_total") == 0 and metric(am, "ldserve_images_generated_total") >= 1
 
 
 def test_sigkill_mid_job_is_reclaimed_by_another_worker(split: dict) -> None:

@@ -233,3 +233,38 @@ def test_the_stream_entry_carries_the_spec(redis_url: str) -> None:
         q.spec(old)
     assert q.start(job_id, "w1")[0] == "missing"
     assert q.finish(new, "missing", {}) is None and client.xpending(keys.stream, keys.group)["pending"] == 1
+
+
+def test_response_files_use_the_head_start_only_for_the_same_images() -> None:
+    """Files encoded ahead (from the images the in-process worker handed over) answer only a job that
+    stored those very images; any other job's are encoded from the job itself."""
+    import asyncio
+
+    import numpy as np
+    from PIL import Image
+
+    from service.api.jobflow import ResponseFiles
+    from service.imaging import DEFAULT_PNG
+    from service.metrics import ApiMetrics
+    from service.queue import Job
+
+    sp = spec(1)
+    rng = np.random.default_rng(0)
+    ahead, stored = ([np.repeat(rng.integers(0, 256, (256, 64, 3), dtype=np.uint8), 4, axis=1).tobytes()]
+                     for _ in range(2))
+
+    def png_pixels(data: bytes) -> bytes:
+        import io
+        return Image.open(io.BytesIO(data)).convert("RGB").tobytes()
+
+    async def run() -> tuple[list[bytes], list[bytes], float]:
+        metrics = ApiMetrics(CollectorRegistry())
+        same, other = ResponseFiles(sp, "png", DEFAULT_PNG, metrics), ResponseFiles(sp, "png", DEFAULT_PNG, metrics)
+        same.start(ahead)
+        other.start(ahead)
+        a = await same.of(Job("a", "succeeded", sp, 0, images=list(ahead)))  # equal bytes, another object
+        b = await other.of(Job("b", "succeeded", sp, 0, images=stored))
+        return a, b, metrics.images_encoded_ahead._value.get()
+
+    a, b, counted = asyncio.run(run())
+    assert png_pixels(a[0]) == ahead[0] and png_pixels(b[0]) == stored[0] and counted == 1
