@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import io
 import os
 import struct
@@ -263,6 +262,3 @@ def _png_file(width: int, height: int, idat: list[bytes | memoryview]) -> bytes:
     return b"".join([b"\x89PNG\r\n\x1a\n", *_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)),
                      *_chunk(b"IDAT", *idat), *_chunk(b"IEND")])
 
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()

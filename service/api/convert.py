@@ -8,12 +8,13 @@ from typing import Any
 from model_loader.configs import PRESETS as MODEL_PRESETS
 from pruning.config import pruning_config
 
-from ..imaging import DEFAULT_PNG, PngParams, b64, encode_all
+from ..imaging import DEFAULT_PNG, PngParams, encode_all
 from ..queue import Job
 from ..settings import ServiceSettings
 from ..sizing import ModelSizes, SizeError, parse_openai_size, resolve_size
 from ..spec import JobSpec
 from .errors import ApiError
+from .jsonbody import Base64
 from .schemas import GenerateRequest, OpenAIImageRequest, PruningOptions
 
 
@@ -107,7 +108,8 @@ def encoded_images(job: Job, png: PngParams = DEFAULT_PNG) -> list[bytes]:
 
 
 def image_items(job: Job, encoded: list[bytes] | None) -> list[dict[str, Any]]:
-    """Per image: seed, stats, and ``b64_json`` of its file (none with ``encoded`` None)."""
+    """Per image: seed, stats, and ``b64_json`` of its file (none with ``encoded`` None), a ``Base64``
+    (the bodies below are written by ``jsonbody.dumps``)."""
     per = (job.result or {}).get("images", [])
     out = []
     for data, info in zip(encoded if encoded is not None else [None] * len(per), per, strict=True):
@@ -117,7 +119,7 @@ def image_items(job: Job, encoded: list[bytes] | None) -> list[dict[str, Any]]:
         item = {"seed": info["seed"], "stats": {"seed": info["seed"], **stats,
                                                 "prompt_truncated": info["prompt_truncated"]}}
         if data is not None:
-            item["b64_json"] = b64(data)
+            item["b64_json"] = Base64(data)
         out.append(item)
     return out
 
@@ -154,9 +156,9 @@ def openai_body(job: Job, encoded: list[bytes], quality: str | None, urls: list[
     items = image_items(job, encoded if urls is None else None)
     computed = sum(i["stats"]["tokens_computed"] for i in items)
     full = sum(i["stats"]["tokens_full"] for i in items)
-    data = ([{"url": u, "revised_prompt": None, "seed": i["seed"]} for i, u in zip(items, urls, strict=True)]
-            if urls is not None else
-            [{"b64_json": i["b64_json"], "revised_prompt": None, "seed": i["seed"]} for i in items])
+    data = ([{"b64_json": None, "url": u, "revised_prompt": None, "seed": i["seed"]}
+             for i, u in zip(items, urls, strict=True)] if urls is not None else
+            [{"b64_json": i["b64_json"], "url": None, "revised_prompt": None, "seed": i["seed"]} for i in items])
     return {"created": job.created_ms // 1000, "output_format": sp.output_format, "size": f"{sp.width}x{sp.height}",
             "quality": quality, "data": data,
             "usage": {"input_tokens": 0, "output_tokens": computed, "total_tokens": computed,

@@ -14,8 +14,9 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from ..imaging import PngParams, b64, encode, run_encode
+from ..imaging import PngParams, encode, run_encode
 from ..queue import Job, JobQueue
+from .jsonbody import Base64, dumps
 
 KEEPALIVE_S = 15.0
 """An SSE comment this often while nothing happens, so proxies keep the connection."""
@@ -25,10 +26,10 @@ Event = tuple[str, dict[str, Any]]
 
 
 def sse(name: str, data: dict[str, Any]) -> bytes:
-    """One server-sent event (or a comment line for the keep-alive)."""
+    """One server-sent event (or a comment line for the keep-alive); ``data`` may hold ``Base64`` files."""
     if not name:
         return b": keep-alive\n\n"
-    return f"event: {name}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+    return b"event: " + name.encode() + b"\ndata: " + dumps(data) + b"\n\n"
 
 
 async def job_events(job: Job, queue: JobQueue, png: PngParams, deadline: float | None = None) -> AsyncIterator[Event]:
@@ -56,7 +57,7 @@ async def job_events(job: Job, queue: JobQueue, png: PngParams, deadline: float 
             if kind in ("progress", "partial_image"):
                 data = json.loads(fields[b"data"])
                 if kind == "partial_image":
-                    data["b64_json"] = b64(await run_encode(data["width"] * data["height"], encode, fields[b"img"],
+                    data["b64_json"] = Base64(await run_encode(data["width"] * data["height"], encode, fields[b"img"],
                                                             data["width"], data["height"], sp.output_format,
                                                             sp.quality, png))
                     data["output_format"] = sp.output_format

@@ -11,7 +11,7 @@ from fastapi import BackgroundTasks, Request, Response
 from .. import file_urls
 from ..imaging import MEDIA_TYPES
 from ..queue import Job, JobQueue
-from . import convert
+from . import convert, jsonbody
 from .deps import MetricsDep, NotifierDep, QueueDep, SettingsDep
 from .errors import ApiError
 from .jobflow import (
@@ -24,6 +24,7 @@ from .jobflow import (
     raise_for,
     submit,
     sync_files,
+    sync_headers,
 )
 from .routing import AcceptH, CancelAfterH, IdemH, PreferH, protected
 from .schemas import GenerateRequest, GenerateResponse, OpenAIImageRequest, OpenAIImagesResponse
@@ -35,8 +36,7 @@ from .streams import event_response, native_events, openai_stream
                 responses={202: {"model": JobModel},
                            200: {"content": {**{m: {} for m in MEDIA_TYPES.values()}, "text/event-stream": {}}}})
 async def generate(body: GenerateRequest, request: Request, settings: SettingsDep, queue: QueueDep,
-                   notifier: NotifierDep,
-                   metrics: MetricsDep, response: Response, background: BackgroundTasks, prefer: PreferH = None,
+                   notifier: NotifierDep, metrics: MetricsDep, background: BackgroundTasks, prefer: PreferH = None,
                    idem: IdemH = None, cancel_after: CancelAfterH = None, accept: AcceptH = None) -> Any:
     """Generate images; synchronous by default (waits up to the server deadline)."""
     timing = Timing()
@@ -61,12 +61,12 @@ async def generate(body: GenerateRequest, request: Request, settings: SettingsDe
         return await async_response(job, job_id, settings.png, queue, metrics)
     job = raise_for(job, job_id)
     delivered(job, idem, settings, queue, background)
-    encoded = await sync_files(job, files, metrics, timing, response)
+    encoded = await sync_files(job, files, metrics, timing)
+    headers = sync_headers(job, timing)
     if raw_fmt:
-        return Response(encoded[0], media_type=MEDIA_TYPES[raw_fmt],
-                        headers={"x-seed": str(job.spec.seeds[0]), "x-job-id": job.id,
-                                 "Server-Timing": response.headers["Server-Timing"]})
-    return convert.generate_body(job, encoded)
+        headers["x-seed"] = str(job.spec.seeds[0])
+        return Response(encoded[0], media_type=MEDIA_TYPES[raw_fmt], headers=headers)
+    return jsonbody.response(convert.generate_body(job, encoded), headers=headers)
 
 
 @protected.post("/v1/images/generations", response_model=OpenAIImagesResponse, tags=["openai"],
@@ -95,7 +95,8 @@ async def images_generations(body: OpenAIImageRequest, request: Request, setting
     if body.response_format == "url":
         return await _url_response(job, body.quality, request, settings, queue, metrics, timing, response)
     delivered(job, idem, settings, queue, background)
-    return convert.openai_body(job, await sync_files(job, files, metrics, timing, response), body.quality)
+    encoded = await sync_files(job, files, metrics, timing)
+    return jsonbody.response(convert.openai_body(job, encoded, body.quality), headers=sync_headers(job, timing))
 
 
 async def _url_response(job: Job, quality: str | None, request: Request, settings: SettingsDep, queue: JobQueue,

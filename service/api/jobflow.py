@@ -10,13 +10,12 @@ from collections.abc import Awaitable
 
 import anyio
 from fastapi import BackgroundTasks, Response
-from fastapi.responses import JSONResponse
 from starlette.types import Receive
 
 from ..imaging import MEDIA_TYPES, PngParams, encode_all, run_encode
 from ..queue import IdempotencyMismatch, Job, JobQueue, QueueFull
 from ..spec import JobSpec
-from . import convert
+from . import convert, jsonbody
 from .deps import MetricsDep, NotifierDep, QueueDep, SettingsDep
 from .errors import ApiError
 
@@ -178,12 +177,12 @@ def raise_for(job: Job | None, job_id: str) -> Job:
 
 
 async def async_response(job: Job | None, job_id: str, png: PngParams, queue: JobQueue,
-                          metrics: MetricsDep) -> JSONResponse:
+                          metrics: MetricsDep) -> Response:
     if job is None:
         raise ApiError(404, f"job {job_id} no longer exists", code="job_not_found")
     files = await job_files(job, png, queue, metrics)
-    return JSONResponse(convert.job_body(job, files), status_code=202, headers={"Location": f"/v1/jobs/{job.id}",
-                                                                                    "x-job-id": job.id})
+    return jsonbody.response(convert.job_body(job, files), status_code=202,
+                             headers={"Location": f"/v1/jobs/{job.id}", "x-job-id": job.id})
 
 
 
@@ -231,16 +230,18 @@ async def delivered_files(job: Job, png: PngParams, metrics: MetricsDep) -> list
     return encoded
 
 
-async def sync_files(job: Job, files: ResponseFiles, metrics: MetricsDep, timing: Timing,
-                     response: Response) -> list[bytes]:
-    """A synchronous response's files (handed over once: counted), timed into its Server-Timing header."""
+async def sync_files(job: Job, files: ResponseFiles, metrics: MetricsDep, timing: Timing) -> list[bytes]:
+    """A synchronous response's files (handed over once: counted), timed as ``encode``."""
     t = time.perf_counter()
     encoded = await files.of(job)
     count_images(metrics, files.fmt, len(encoded))
     timing.add("encode", t)
-    response.headers["Server-Timing"] = timing.header(job)
-    response.headers["x-job-id"] = job.id
     return encoded
+
+
+def sync_headers(job: Job, timing: Timing) -> dict[str, str]:
+    """A synchronous response's ``x-job-id``, and its phases so far as ``Server-Timing``."""
+    return {"x-job-id": job.id, "Server-Timing": timing.header(job)}
 
 
 async def expire_if_live(job_id: str, queue: JobQueue, metrics: MetricsDep) -> Job | None:

@@ -12,7 +12,7 @@ from fastapi.responses import StreamingResponse
 from .. import file_urls
 from ..imaging import MEDIA_TYPES
 from ..spec import TERMINAL
-from . import convert
+from . import convert, jsonbody
 from .deps import MetricsDep, QueueDep, SettingsDep
 from .errors import ApiError
 from .jobflow import job_files
@@ -54,7 +54,7 @@ async def get_job(job_id: str, settings: SettingsDep, queue: QueueDep, metrics: 
     job = await queue.get(job_id) if len(job_id) <= 64 else None
     if job is None:
         raise ApiError(404, f"no job {job_id!r}", param="job_id", code="job_not_found")
-    return convert.job_body(job, await job_files(job, settings.png, queue, metrics))
+    return jsonbody.response(convert.job_body(job, await job_files(job, settings.png, queue, metrics)))
 
 
 @protected.get("/v1/jobs/{job_id}/events", tags=["jobs"], response_class=StreamingResponse,

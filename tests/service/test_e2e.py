@@ -29,6 +29,15 @@ def decode(b64: str) -> Image.Image:
     return Image.open(io.BytesIO(base64.b64decode(b64)))
 
 
+def as_documented(r: httpx.Response, model: str) -> None:
+    """The body is exactly what the route's documented response model makes of it (no field
+    missing, extra or of another type): the routes write their JSON themselves (api/jsonbody.py)."""
+    from service.api import schemas
+
+    m = getattr(schemas, model)
+    assert m.model_validate_json(r.content).model_dump(mode="json") == r.json()
+
+
 def metric(text: str, name: str) -> float:
     total = 0.0
     for line in text.splitlines():
@@ -40,6 +49,7 @@ def metric(text: str, name: str) -> float:
 def test_sync_generate_returns_image_of_requested_size(serve: Proc) -> None:
     r = post(serve, "/generate", {"prompt": "a red fox", "seed": 7, "n": 2, "width": 256, "height": 256})
     assert r.status_code == 200, r.text
+    as_documented(r, "GenerateResponse")
     body = r.json()
     assert body["seeds"] == [7, 8] and (body["width"], body["height"]) == (256, 256)
     for item in body["data"]:
@@ -83,6 +93,7 @@ def test_openai_route(serve: Proc) -> None:
                                                "output_format": "jpeg", "output_compression": 60, "seed": 5,
                                                "negative_prompt": "blurry", "pruning": "quality", "user": "u1"})
     assert r.status_code == 200, r.text
+    as_documented(r, "OpenAIImagesResponse")
     body = r.json()
     assert body["size"] == "256x256" and body["output_format"] == "jpeg" and body["data"][0]["seed"] == 5
     assert decode(body["data"][0]["b64_json"]).format == "JPEG"
@@ -147,6 +158,7 @@ def test_async_lifecycle(serve: Proc) -> None:
     before = images_generated(serve)
     r = post(serve, "/generate", {"prompt": "a house", "seed": 1}, {"Prefer": "respond-async"})
     assert r.status_code == 202 and r.headers["location"] == f"/v1/jobs/{r.json()['id']}"
+    as_documented(r, "Job")
     job = r.json()
     assert job["status"] in ("queued", "processing", "succeeded") and job["seeds"] == [1]
     seen = {job["status"]}
@@ -156,7 +168,9 @@ def test_async_lifecycle(serve: Proc) -> None:
         job = httpx.get(f"{serve.url}{job['urls']['get']}", headers=AUTH).json()
         seen.add(job["status"])
     assert job["status"] == "succeeded", job
-    assert decode(job["output"][0]["b64_json"]).size == (256, 256)
+    done = httpx.get(f"{serve.url}/v1/jobs/{job['id']}", headers=AUTH)
+    as_documented(done, "Job")
+    assert done.json() == job and decode(job["output"][0]["b64_json"]).size == (256, 256)
     assert job["started_at"] >= job["created_at"] and job["completed_at"] >= job["started_at"]
     # later reads return the files the first one encoded and stored, and count the image once
     again = [httpx.get(f"{serve.url}/v1/jobs/{job['id']}", headers=AUTH).json() for _ in range(2)]
