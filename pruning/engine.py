@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,6 +49,8 @@ class ImageResult:
     """uint8 RGB."""
     stats: SampleStats
     prompt_truncated: bool = False
+    stopped: bool = False
+    """Its request was stopped mid-batch (``Engine.generate``'s ``stopped``): no image (zeros)."""
 
 
 @dataclass
@@ -139,9 +142,11 @@ class Engine:
         return TextCond.cat(parts)
 
     def generate(self, requests: list[ImageRequest], grids: tuple[tuple[int, int], ...],
-                 on_scale: ScaleCallback | None = None) -> list[ImageResult]:
+                 on_scale: ScaleCallback | None = None,
+                 stopped: Callable[[], Collection[int]] | None = None) -> list[ImageResult]:
         """One batch at one schedule. Raises ValueError for invalid settings. ``on_scale``: called
-        after each scale with a preview decoder (``pruning.loop.generate``)."""
+        after each scale with a preview decoder; ``stopped``: the requests (indices) whose work ends
+        where they are, the others going on as if alone (both: ``pruning.loop.generate``)."""
         if not requests:
             return []
         t0 = time.perf_counter()
@@ -151,9 +156,10 @@ class Engine:
         t1 = time.perf_counter()
         out = generate(self.model, text, grids, [r.sampling for r in requests],
                        [policy_for(r) for r in requests], negative=negative, graphs=self.graphs,
-                       on_scale=on_scale)
+                       on_scale=on_scale, stopped=stopped)
         self.last_timing = BatchTiming(t1 - t0, time.perf_counter() - t1)
-        return [ImageResult(out.images_BHW3[i], out.stats[i], truncated[i]) for i in range(len(requests))]
+        return [ImageResult(out.images_BHW3[i], out.stats[i], truncated[i], i in out.stopped)
+                for i in range(len(requests))]
 
     def warmup(self, pn: str | None = None) -> float:
         """Run one tiny batch (both the unpruned and the pruned path); returns seconds."""

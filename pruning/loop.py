@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 import torch
@@ -28,7 +28,7 @@ from model_loader.kv_cache import ScaleLayout
 from model_loader.layers import rope_tables
 from model_loader.model import InfinityModel
 from model_loader.sampling import SamplingParams, guidance_weights, make_generators, sample_bits_
-from model_loader.schedules import rope_positions, scale_offsets
+from model_loader.schedules import image_size, rope_positions, scale_offsets
 from model_loader.text_cond import TextCond
 from model_loader.transformer import head_cond
 from model_loader.vae import bits_to_codes, image_to_uint8, resize_codes, tokens_to_vae_bits, vae_bits_to_tokens
@@ -48,21 +48,32 @@ class LoopOutput:
     summed_codes_BDhw: torch.Tensor
     bits_per_scale: list[torch.Tensor] = field(default_factory=list)
     """Per scale (B, L, d) uint8: sampled bits where computed, fill bits elsewhere."""
+    stopped: set[int] = field(default_factory=set)
+    """Samples ``stopped()`` named: not finished, not decoded."""
 
 
 @dataclass
 class _Rows:
-    """Which sample each row carries: B conditional rows, then the uncond rows still running."""
+    """Which sample each row carries: the conditional rows of the samples still running, then
+    the uncond rows still running."""
 
     batch: int
     uncond_of: list[int]
+    cond_of: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.cond_of:
+            self.cond_of = list(range(self.batch))
 
     @property
     def src(self) -> list[int]:
-        return list(range(self.batch)) + self.uncond_of
+        return self.cond_of + self.uncond_of
+
+    def cond_row(self, b: int) -> int | None:
+        return self.cond_of.index(b) if b in self.cond_of else None
 
     def uncond_row(self, b: int) -> int | None:
-        return self.batch + self.uncond_of.index(b) if b in self.uncond_of else None
+        return len(self.cond_of) + self.uncond_of.index(b) if b in self.uncond_of else None
 
 
 class _ScaleClock:
@@ -134,7 +145,8 @@ def _fill_bits(prev_bits_hwD: torch.Tensor | None, grid_vae: tuple[int, int], bi
 def generate(model: InfinityModel, text: TextCond, grids: tuple[tuple[int, int], ...],
              params: list[SamplingParams], policies: list[PruningPolicy], *,
              negative: TextCond | None = None, padded: bool = False,
-             graphs: ScaleGraphs | None = None, on_scale: ScaleCallback | None = None) -> LoopOutput:
+             graphs: ScaleGraphs | None = None, on_scale: ScaleCallback | None = None,
+             stopped: Callable[[], Collection[int]] | None = None) -> LoopOutput:
     """Generate B images at one schedule; sample b uses ``params[b]`` and ``policies[b]``.
 
     ``padded`` runs rows of unequal token counts as a padded rectangle instead of packed
@@ -145,6 +157,10 @@ def generate(model: InfinityModel, text: TextCond, grids: tuple[tuple[int, int],
     ``preview(samples)`` decodes those samples' codes summed so far, uint8 (len(samples), H, W, 3) on
     the CPU (progress events and partial images; its time counts in no scale's wall time; the images
     are unchanged by it). An exception it raises ends the generation there.
+    ``stopped()``: asked before every scale and before the final decode, the samples nobody waits
+    for any more (their requests were canceled): their rows leave the batch (as stopped uncond rows
+    do), so the others run as if they had been alone, and they are not decoded (their images stay
+    zero, their statistics end where they stopped).
     """
     tf, preset, dev = model.transformer, model.preset, model.device
     b, patchify, vs, nbits = text.batch_size, preset.spatial_patchify, preset.vae_scale, preset.vae.codebook_bits
@@ -162,7 +178,7 @@ def generate(model: InfinityModel, text: TextCond, grids: tuple[tuple[int, int],
         # 1. text state for all rows; caches sized for the full schedule
         rows_text, uncond_of = build_text_rows(model, text.to(dev), params, negative)
         state = tf.prepare_text(rows_text)
-        text_len = rows_text.lens_B.tolist()
+        text_len_B = rows_text.lens_B.tolist()[:b]  # each sample's (its conditional row's) text tokens
         rows = _Rows(b, uncond_of)
         cache = (new_kv_cache(tf, len(rows.src), offsets[-1], model.compute_dtype) if graphs is None
                  else graphs.kv_cache(len(rows.src), offsets[-1], model.compute_dtype))
@@ -173,21 +189,26 @@ def generate(model: InfinityModel, text: TextCond, grids: tuple[tuple[int, int],
         feats = None
         clock = _ScaleClock(dev)
         records = []
+        dropped: set[int] = set()
         for si, grid in enumerate(grids):
-            # 2. plans; stopped uncond rows leave the batch
+            # 2. plans; rows of stopped samples and stopped uncond rows leave the batch
+            dropped |= set(stopped()) if stopped is not None else set()
             ctxs = [ScaleContext(si, tuple(grids), history[s][-1] if history[s] else None,
                                  None if feats is None else feats[s]) for s in range(b)]
-            plans = [pol.plan(c) for pol, c in zip(policies, ctxs, strict=True)]
+            plans = [_DROPPED if s in dropped else pol.plan(c) for s, (pol, c) in enumerate(zip(policies, ctxs,
+                                                                                            strict=True))]
             still = [s for s in rows.uncond_of if plans[s].run_uncond]
-            if still != rows.uncond_of:
-                keep_rows = list(range(b)) + [rows.uncond_row(s) for s in still]
+            live = [s for s in rows.cond_of if s not in dropped]
+            if not live:  # every sample stopped
+                break
+            if still != rows.uncond_of or live != rows.cond_of:
+                keep_rows = [rows.cond_row(s) for s in live] + [rows.uncond_row(s) for s in still]
                 cache.select_rows(keep_rows)
                 state = state.select_rows(keep_rows)
-                text_len = [text_len[r] for r in keep_rows]
-                for s in set(rows.uncond_of) - set(still):
+                for s in set(rows.uncond_of) - set(still) - dropped:
                     stats[s].uncond_stop_scale = si
-                rows = _Rows(b, still)
-            keep = [p.keep_idx_K for p in plans]
+                rows = _Rows(b, still, live)
+            keep = [None if s in dropped else p.keep_idx_K for s, p in enumerate(plans)]
             # 3. transformer on the kept tokens of every running row
             logits_NLV = _forward(model, state, rows, keep, feats, si, rope_all[:, offsets[si]:offsets[si + 1]],
                                   cache, padded, graphs)
@@ -196,7 +217,7 @@ def generate(model: InfinityModel, text: TextCond, grids: tuple[tuple[int, int],
                                             policies, ctxs, history, hist_bits)
             out_bits.append(bits_all)
             clock.mark()
-            records.append((si, grid, keep, rows, list(text_len)))
+            records.append((si, grid, keep, rows))
             # 5. accumulate and build the next scale's input
             last = si == len(grids) - 1
             summed += codes if last else resize_codes(codes, final_grid)
@@ -206,11 +227,22 @@ def generate(model: InfinityModel, text: TextCond, grids: tuple[tuple[int, int],
                 on_scale(si, functools.partial(_preview, model, summed))
                 clock.restart()
         walls = clock.walls()
-        for (si, grid, keep, rows_si, lens_si), wall in zip(records, walls, strict=True):
-            _record(stats, tf.cfg, si, grid, keep, rows_si, params, keys_done, offsets[si + 1], lens_si, wall)
-        img = model.vae.decode(summed)
-        images = image_to_uint8(img).cpu()
-    return LoopOutput(images, stats, summed.float().cpu(), [b.cpu() for b in out_bits])
+        for (si, grid, keep, rows_si), wall in zip(records, walls, strict=True):
+            _record(stats, tf.cfg, si, grid, keep, rows_si, params, keys_done, offsets[si + 1], text_len_B, wall)
+        dropped |= set(stopped()) if stopped is not None else set()
+        if not dropped:
+            images = image_to_uint8(model.vae.decode(summed)).cpu()
+        else:
+            images = torch.zeros(b, *image_size(tuple(grids), preset.pixels_per_token), 3, dtype=torch.uint8)
+            decode = [s for s in range(b) if s not in dropped]
+            if decode:
+                images[decode] = image_to_uint8(model.vae.decode(summed[decode])).cpu()
+    return LoopOutput(images, stats, summed.float().cpu(), [b.cpu() for b in out_bits], dropped)
+
+
+_DROPPED = ScalePlan(keep_idx_K=None, run_uncond=False)
+"""The plan of a stopped sample (its rows left the batch; nothing of it is computed)."""
+
 
 
 def _preview(model: InfinityModel, summed_BDhw: torch.Tensor, samples: list[int]) -> torch.Tensor:
@@ -224,7 +256,7 @@ def _record(stats: list[SampleStats], cfg, si: int, grid: tuple[int, int], keep,
     """Append this scale's ScaleStats to every sample (FLOPs with the real KV lengths)."""
     length = grid[0] * grid[1]
     for s, st in enumerate(stats):
-        k = length if keep[s] is None else int(keep[s].numel())
+        k = 0 if rows.cond_row(s) is None else length if keep[s] is None else int(keep[s].numel())
         ran = rows.uncond_row(s) is not None
         keys_done[s] += k
         full = scale_flops(cfg, length, keys_full, text_len[s]) * (2 if params[s].uses_uncond else 1)
@@ -262,11 +294,18 @@ def _sample_scale(model, si, grid, rows: _Rows, plans: list[ScalePlan], logits_N
     codes_out, bits_out = [], []
     inv_tau, w_c, w_u = weights
     for s in range(b):
-        plan = plans[s]
+        plan, c = plans[s], rows.cond_row(s)
+        if c is None:  # stopped: adds nothing
+            codes = torch.zeros(nbits, *grid_vae, device=dev)
+            history[s].append(codes)
+            codes_out.append(codes)
+            bits_out.append(vae_bits_to_tokens(torch.zeros(1, *grid_vae, nbits, dtype=torch.uint8, device=dev),
+                                               preset.spatial_patchify)[0])
+            continue
         k = length if plan.keep_idx_K is None else int(plan.keep_idx_K.numel())
         u = rows.uncond_row(s)
         if k:
-            cond = logits_NLV[s, :k].float() * inv_tau[s]
+            cond = logits_NLV[c, :k].float() * inv_tau[s]
             unc = logits_NLV[u, :k].float() * inv_tau[s] if u is not None else None
             guided = cond if unc is None else w_c[s] * cond + w_u[s] * unc
             policies[s].observe(ctxs[s], ScaleObservation(cond, unc))

@@ -12,8 +12,8 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -21,7 +21,6 @@ import torch
 from model_loader.sampling import SamplingParams
 from pruning.config import PruningConfig
 from pruning.engine import Engine, ImageRequest, grids_for
-from pruning.loop import ScaleCallback
 
 from .settings import ServiceSettings
 from .spec import JobSpec, preview_scales
@@ -30,6 +29,8 @@ log = logging.getLogger(__name__)
 Grids = tuple[tuple[int, int], ...]
 EventSink = Callable[[list[tuple[int, dict[str, Any]]]], None]
 """Receives a batch's events as (index of the job in the batch, stream fields)."""
+EmitScale = Callable[[int, Callable[[list[int]], torch.Tensor], set[int]], None]
+"""(scale index, preview decoder, jobs that ended): a scale's events."""
 
 
 class BatchAbandoned(Exception):  # noqa: N818 - a control-flow signal, not an error
@@ -56,6 +57,8 @@ class BatchOut:
     """Per job, its n images."""
     seconds: float
     pruned: bool
+    stopped: list[int] = field(default_factory=list)
+    """Jobs (indices) whose samples left the batch when they were canceled: no images to store."""
 
 
 def pruning_from_dict(d: dict[str, Any] | None) -> PruningConfig | None:
@@ -104,27 +107,37 @@ class EngineClient:
         return t
 
     def generate(self, specs: list[JobSpec], events: EventSink | None = None,
-                 abandon: Callable[[], bool] | None = None) -> BatchOut:
+                 ended: Callable[[], Collection[int]] | None = None) -> BatchOut:
         """One batch of jobs sharing a batch key; raises on engine errors. ``events`` receives,
         after every scale, one ``progress`` event per job (unless the setting
         ``progress_events`` is off) and a ``partial_image`` event (raw RGB in ``img``) per image
-        that asked for a preview at that scale. ``abandon`` is asked after every scale (the last:
-        before the final decode); True stops the batch with ``BatchAbandoned`` (every job of it was
-        canceled meanwhile)."""
+        that asked for a preview at that scale. ``ended()``: the jobs (indices) canceled
+        meanwhile, asked after every scale (the last: before the final decode): their samples leave
+        the batch, the others go on as if alone (``BatchOut.stopped``); when every job has ended,
+        the batch stops with ``BatchAbandoned``."""
         grids = grids_for(specs[0].h_div_w, specs[0].pn)
         reqs = [r for s in specs for r in requests_for(s)]
+        first = [sum(s.n for s in specs[:j]) for j in range(len(specs))]  # each job's first sample
         t0 = time.perf_counter()
         wanted = [preview_scales(grids, s.partial_images) for s in specs]
         emit = (self._scale_events(specs, grids, wanted, events)
                 if events is not None and (self.settings.progress_events or any(wanted)) else None)
+        gone: set[int] = set()
+
+        def stopped() -> set[int]:
+            gone.update(ended() if ended is not None else ())
+            return {first[j] + k for j in gone for k in range(specs[j].n)}
 
         def on_scale(si: int, preview: Callable[[list[int]], torch.Tensor]) -> None:
-            if abandon is not None and abandon():
+            if ended is not None and len(stopped()) == len(reqs):
                 raise BatchAbandoned(si + 1, len(grids))
             if emit is not None:
-                emit(si, preview)
+                emit(si, preview, gone)
 
-        results = self.engine.generate(reqs, grids, on_scale=on_scale if emit or abandon else None)
+        results = self.engine.generate(reqs, grids, on_scale=on_scale if emit or ended else None,
+                                       stopped=stopped if ended is not None else None)
+        if all(r.stopped for r in results):  # the last ended between the last scale and the decode
+            raise BatchAbandoned(len(grids), len(grids))
         self._sync()
         seconds = time.perf_counter() - t0
         h, w = self.engine.image_size(grids)
@@ -135,21 +148,23 @@ class EngineClient:
             out.append(flat[i:i + s.n])
             i += s.n
         pruned = any(r.pruning is not None for r in reqs)
-        if not pruned:
+        cut = [j for j in range(len(specs)) if results[first[j]].stopped]
+        if not pruned and not cut:
             self.unpruned_s[(grids, len(reqs))] = seconds
-        return BatchOut(out, seconds, pruned)
+        return BatchOut(out, seconds, pruned, cut)
 
     def _scale_events(self, specs: list[JobSpec], grids: Grids, wanted: list[list[int]],
-                      events: EventSink) -> ScaleCallback:
+                      events: EventSink) -> EmitScale:
         first = [sum(s.n for s in specs[:j]) for j in range(len(specs))]  # each job's first sample
         h, w = self.engine.image_size(grids)
         progress_on = self.settings.progress_events
 
-        def on_scale(si: int, preview: Callable[[list[int]], torch.Tensor]) -> None:
+        def on_scale(si: int, preview: Callable[[list[int]], torch.Tensor], gone: set[int]) -> None:
             progress = {"scale": si + 1, "scales": len(grids), "grid": list(grids[si])}
             out: list[tuple[int, dict[str, Any]]] = ([(j, {"type": "progress", "data": json.dumps(progress)})
-                                                       for j in range(len(specs))] if progress_on else [])
-            asked = [(j, k) for j, s in enumerate(specs) if si in wanted[j] for k in range(s.n)]
+                                                       for j in range(len(specs)) if j not in gone]
+                                                     if progress_on else [])
+            asked = [(j, k) for j, s in enumerate(specs) if si in wanted[j] and j not in gone for k in range(s.n)]
             if asked:
                 images = preview([first[j] + k for j, k in asked])
                 for (j, k), img in zip(asked, images, strict=True):

@@ -92,6 +92,8 @@ class WorkerMetrics:
         self.tokens_computed = c("tokens_computed", "Transformer tokens computed (both branches)")
         self.batches_abandoned = c("batches_abandoned", "GPU batches stopped between scales because every job "
                                    "in them was canceled (cancel, client gone, deadline)")
+        self.jobs_stopped = c("jobs_stopped", "Canceled jobs whose samples left a running batch between scales "
+                              "(the batch went on for its other jobs)")
         self.tokens_full = c("tokens_full", "Transformer tokens an unpruned run computes")
         self.uncond_stop = c("uncond_stop", "Images by whether SATS stopped the unconditional branch", ["stopped"])
         self.jobs = jobs or c("jobs", "Jobs reaching a terminal status", ["status"])

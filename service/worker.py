@@ -19,6 +19,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import redis
@@ -98,9 +99,15 @@ class CancelWatch:
             self._running = set(job_ids)
             self._ended &= self._running
 
-    def all_ended(self) -> bool:
-        with self._lock:
-            return bool(self._running) and self._running <= self._ended
+    def ended_of(self, batch: list[Held]) -> Callable[[], set[int]]:
+        """For the engine: which jobs of ``batch`` (indices) ended so far."""
+        ids = [h.entry.job_id for h in batch]
+
+        def ended() -> set[int]:
+            with self._lock:
+                return {i for i, job_id in enumerate(ids) if job_id in self._ended}
+
+        return ended
 
     def end(self) -> None:
         self.begin([])
@@ -292,7 +299,7 @@ class Worker:
         try:
             assert self.engine is not None
             try:
-                out = self.engine.generate([h.spec for h in live], events, abandon=self.cancel_watch.all_ended)
+                out = self.engine.generate([h.spec for h in live], events, ended=self.cancel_watch.ended_of(live))
             finally:  # before any job of the batch ends: its end entry follows its last progress
                 self.metrics.in_flight.set(0)
                 self.events.flush()
@@ -310,6 +317,15 @@ class Worker:
                 stored = self.queue.fail(h.entry, "failed", "inference_error", f"inference failed: {exc}")
                 self._end(h, "failed", stored)
             return
+        if out.stopped:  # canceled mid-batch: their samples left it, nothing to store; ack them
+            stopped = [live[j] for j in out.stopped]
+            log.info("job(s) %s left their batch when canceled", " ".join(h.entry.job_id for h in stopped))
+            self.metrics.jobs_stopped.inc(len(stopped))
+            for h in stopped:
+                self.queue.finish(h.entry, "canceled", {})  # stores nothing (the job has ended), acks
+                self._release(h.entry)
+            keep = [j for j in range(len(live)) if j not in out.stopped]
+            live, out = [live[j] for j in keep], replace(out, images=[out.images[j] for j in keep])
         self._store(live, out)
         self._observe_batch(live, out)
 
@@ -374,7 +390,8 @@ class Worker:
         self.s_per_image = 0.8 * self.s_per_image + 0.2 * out.seconds / images
         assert self.engine is not None
         self.metrics.gpu_memory.set(self.engine.gpu_memory_bytes())
-        realized = self.engine.realized_speedup([h.spec for h in live], out.seconds) if out.pruned else None
+        realized = (self.engine.realized_speedup([h.spec for h in live], out.seconds)
+                    if out.pruned and not out.stopped else None)
         if realized is not None:
             self.metrics.realized_speedup.observe(realized)
         flat = [img for imgs in out.images for img in imgs]

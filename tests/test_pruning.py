@@ -256,3 +256,35 @@ def test_scale_callback_previews_the_sum_so_far_and_changes_nothing(model):
     final = out.images_BHW3.float()
     err = [(previews[si][-1].float() - final[1]).abs().mean().item() for si in seen]
     assert err[-1] == 0 and 0 < err[-2] < err[0]
+
+
+def test_stopped_samples_leave_the_batch_and_the_others_run_as_alone(model):
+    """A sample stopped between scales (its request canceled) computes nothing more and is not
+    decoded; the samples left run bit for bit as they would have alone (rows leave the batch, as
+    stopped uncond rows do); stopping every sample ends the loop with nothing decoded."""
+    configs = [PruningConfig(), None, PruningConfig(energy_keep_ratio=0.5, sats=False)]
+    params = PARAMS[:2] + [SamplingParams(cfg=2.0, tau=1.0, seed=21)]
+    text = _text(3, seed=8)
+
+    def pol():
+        return [NoPruning() if c is None else LDPruning(c) for c in configs]
+
+    full = generate(model, text, GRIDS, params, pol())
+    asked = []
+
+    def stop_1_after_3():
+        asked.append(1)
+        return {1} if len(asked) > 3 else set()
+
+    out = generate(model, text, GRIDS, params, pol(), stopped=stop_1_after_3)
+    assert len(asked) == len(GRIDS) + 1  # before every scale and before the decode
+    for s in (0, 2):
+        assert torch.equal(out.images_BHW3[s], full.images_BHW3[s]), f"sample {s}"
+        assert out.stats[s].tokens_computed == full.stats[s].tokens_computed
+        assert out.stats[s].ideal_speedup == full.stats[s].ideal_speedup  # FLOPs with their own text lengths
+        assert out.stats[s].uncond_stop_scale == full.stats[s].uncond_stop_scale
+    assert not out.images_BHW3[1].any()  # not decoded
+    ran = [sc.tokens_computed for sc in out.stats[1].scales]
+    assert ran[:3] == [sc.tokens_computed for sc in full.stats[1].scales][:3] and not any(ran[3:])
+    gone = generate(model, text, GRIDS, params, pol(), stopped=lambda: {0, 1, 2})
+    assert not gone.images_BHW3.any() and all(st.tokens_computed == 0 for st in gone.stats)

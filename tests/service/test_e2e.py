@@ -497,6 +497,42 @@ def test_cancel_stops_a_running_batch_between_scales(serve: Proc, rclient: redis
     assert r.status_code == 200, r.text
 
 
+def wait_status(p: Proc, job_id: str, statuses: tuple[str, ...], timeout: float = 90) -> dict:
+    out: dict = {}
+
+    def check() -> bool:
+        out.update(httpx.get(f"{p.url}/v1/jobs/{job_id}", headers=AUTH).json())
+        return out["status"] in statuses
+
+    wait_for(check, timeout, f"job {job_id} in {statuses}", p, interval=0.05)
+    return out
+
+
+def test_cancel_takes_one_job_out_of_a_running_batch(serve: Proc, rclient: redis.Redis) -> None:
+    """Canceling one job of a batch that holds another: its samples leave the batch at the next
+    scale, the other job runs on to its images, and the canceled one stores nothing."""
+    def jobs_stopped() -> float:
+        return metric(httpx.get(f"{serve.url}/metrics", headers=AUTH).text, "ldserve_jobs_stopped_total")
+
+    before = jobs_stopped()
+    # a short job first, so the two that follow wait in the queue and are read as one batch
+    busy = post(serve, "/generate", {"prompt": "busy", "resolution": 512}, {"Prefer": "respond-async"}).json()
+    a, b = (post(serve, "/generate", {"prompt": p, "resolution": 1024, "n": 2, "seed": 4},
+                 {"Prefer": "respond-async"}).json() for p in ("dropped", "kept"))
+    key = f"{serve.env['LDSERVE_KEY_PREFIX']}:job:{a['id']}"
+    wait_for(lambda: rclient.hget(key, "status") == b"processing", 60, "job processing", serve, interval=0.01)
+    assert httpx.post(f"{serve.url}/v1/jobs/{a['id']}/cancel", headers=AUTH).status_code == 200
+    done = wait_status(serve, b["id"], ("succeeded", "failed", "canceled", "expired"))
+    assert done["status"] == "succeeded", done["error"]
+    assert [decode(o["b64_json"]).size for o in done["output"]] == [(1024, 1024)] * 2
+    log = serve.log.read_text(errors="replace")
+    assert re.search(rf"service\.worker: batch of 1 job\(s\), 2 image\(s\) at 1024x1024: .* jobs {b['id']}$", log, re.M)
+    assert f"job(s) {a['id']} left their batch when canceled" in log
+    assert jobs_stopped() == before + 1
+    assert rclient.hget(key, "status") == b"canceled" and not rclient.hexists(key, "img0")
+    assert wait_status(serve, busy["id"], ("succeeded",))["status"] == "succeeded"
+
+
 def test_access_log_names_request_and_job(serve: Proc) -> None:
     """One access line per request with its request id and job (text format); probes stay out."""
     r = post(serve, "/generate", {"prompt": "logged"}, {"x-request-id": "acc-text-1"})
