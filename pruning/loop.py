@@ -58,12 +58,8 @@ class _Rows:
     the uncond rows still running."""
 
     batch: int
+    cond_of: list[int]
     uncond_of: list[int]
-    cond_of: list[int] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        if not self.cond_of:
-            self.cond_of = list(range(self.batch))
 
     @property
     def src(self) -> list[int]:
@@ -179,7 +175,7 @@ def generate(model: InfinityModel, text: TextCond, grids: tuple[tuple[int, int],
         rows_text, uncond_of = build_text_rows(model, text.to(dev), params, negative)
         state = tf.prepare_text(rows_text)
         text_len_B = rows_text.lens_B.tolist()[:b]  # each sample's (its conditional row's) text tokens
-        rows = _Rows(b, uncond_of)
+        rows = _Rows(b, list(range(b)), uncond_of)
         cache = (new_kv_cache(tf, len(rows.src), offsets[-1], model.compute_dtype) if graphs is None
                  else graphs.kv_cache(len(rows.src), offsets[-1], model.compute_dtype))
         keys_done = [0] * b  # tokens each sample has in its cache rows
@@ -195,8 +191,7 @@ def generate(model: InfinityModel, text: TextCond, grids: tuple[tuple[int, int],
             dropped |= set(stopped()) if stopped is not None else set()
             ctxs = [ScaleContext(si, tuple(grids), history[s][-1] if history[s] else None,
                                  None if feats is None else feats[s]) for s in range(b)]
-            plans = [_DROPPED if s in dropped else pol.plan(c) for s, (pol, c) in enumerate(zip(policies, ctxs,
-                                                                                            strict=True))]
+            plans = [_DROPPED if s in dropped else policies[s].plan(ctxs[s]) for s in range(b)]
             still = [s for s in rows.uncond_of if plans[s].run_uncond]
             live = [s for s in rows.cond_of if s not in dropped]
             if not live:  # every sample stopped
@@ -207,8 +202,8 @@ def generate(model: InfinityModel, text: TextCond, grids: tuple[tuple[int, int],
                 state = state.select_rows(keep_rows)
                 for s in set(rows.uncond_of) - set(still) - dropped:
                     stats[s].uncond_stop_scale = si
-                rows = _Rows(b, still, live)
-            keep = [None if s in dropped else p.keep_idx_K for s, p in enumerate(plans)]
+                rows = _Rows(b, live, still)
+            keep = [p.keep_idx_K for p in plans]
             # 3. transformer on the kept tokens of every running row
             logits_NLV = _forward(model, state, rows, keep, feats, si, rope_all[:, offsets[si]:offsets[si + 1]],
                                   cache, padded, graphs)
@@ -242,7 +237,6 @@ def generate(model: InfinityModel, text: TextCond, grids: tuple[tuple[int, int],
 
 _DROPPED = ScalePlan(keep_idx_K=None, run_uncond=False)
 """The plan of a stopped sample (its rows left the batch; nothing of it is computed)."""
-
 
 
 def _preview(model: InfinityModel, summed_BDhw: torch.Tensor, samples: list[int]) -> torch.Tensor:

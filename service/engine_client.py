@@ -120,7 +120,7 @@ class EngineClient:
         first = [sum(s.n for s in specs[:j]) for j in range(len(specs))]  # each job's first sample
         t0 = time.perf_counter()
         wanted = [preview_scales(grids, s.partial_images) for s in specs]
-        emit = (self._scale_events(specs, grids, wanted, events)
+        emit = (self._scale_events(specs, first, grids, wanted, events)
                 if events is not None and (self.settings.progress_events or any(wanted)) else None)
         gone: set[int] = set()
 
@@ -153,9 +153,8 @@ class EngineClient:
             self.unpruned_s[(grids, len(reqs))] = seconds
         return BatchOut(out, seconds, pruned, cut)
 
-    def _scale_events(self, specs: list[JobSpec], grids: Grids, wanted: list[list[int]],
+    def _scale_events(self, specs: list[JobSpec], first: list[int], grids: Grids, wanted: list[list[int]],
                       events: EventSink) -> EmitScale:
-        first = [sum(s.n for s in specs[:j]) for j in range(len(specs))]  # each job's first sample
         h, w = self.engine.image_size(grids)
         progress_on = self.settings.progress_events
 

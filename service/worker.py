@@ -307,9 +307,7 @@ class Worker:
         except BatchAbandoned as stop:  # every job was canceled meanwhile: the GPU stops for nobody
             log.info("batch of %d job(s) %s: every job in it was canceled", len(live), stop)
             self.metrics.batches_abandoned.inc()
-            for h in live:
-                self.queue.finish(h.entry, "canceled", {})  # stores nothing (the job has ended), acks
-                self._release(h.entry)
+            self._ack_canceled(live)
             return
         except Exception as exc:  # a failed batch fails its jobs; it is not retried
             log.exception("batch of %d job(s) failed", len(live))
@@ -321,13 +319,17 @@ class Worker:
             stopped = [live[j] for j in out.stopped]
             log.info("job(s) %s left their batch when canceled", " ".join(h.entry.job_id for h in stopped))
             self.metrics.jobs_stopped.inc(len(stopped))
-            for h in stopped:
-                self.queue.finish(h.entry, "canceled", {})  # stores nothing (the job has ended), acks
-                self._release(h.entry)
+            self._ack_canceled(stopped)
             keep = [j for j in range(len(live)) if j not in out.stopped]
             live, out = [live[j] for j in keep], replace(out, images=[out.images[j] for j in keep])
         self._store(live, out)
         self._observe_batch(live, out)
+
+    def _ack_canceled(self, held: list[Held]) -> None:
+        """Jobs canceled while they ran: FINISH stores nothing (they have ended) and acks them."""
+        for h in held:
+            self.queue.finish(h.entry, "canceled", {})
+            self._release(h.entry)
 
     def _start(self, h: Held) -> bool:
         """Mark the job processing; drop it (ack) if it was canceled, expired or is past its deadline."""
