@@ -17,7 +17,9 @@
 # TF_LAST_W (1: the last scale's loss weight among the per-scale means). BENCH_ARGS adds gpu_bench flags (e.g. --diagnose).
 # As run on 2026-11-26: BENCH_S=160 VAE_S=90 TF_S=195 (421 s), then stage 5 (198 s) as a second command;
 # in the next session stage 6 (demo/README.md), where BENCH_S=150 with --diagnose ended before the 8B rows;
-# stage 7: BENCH_S=0 VAE_S=0 TF_S=420 TF_BATCH=512 TF_SEED=7 FLIP_MAX=0.15 TF_REPLAY=500000 TF_AMP=bf16.
+# stage 7: BENCH_S=0 VAE_S=0 TF_S=420 TF_BATCH=512 TF_SEED=7 FLIP_MAX=0.15 TF_REPLAY=500000 TF_AMP=bf16;
+# stages 8 and 9 (H200): as stage 7 with TF_S=380 TF_SEED=8 TF_SAVE_EVERY=100 TF_LAST_W=3, then
+# TF_S=120 TF_LR=3e-4 TF_SEED=9 from stage 8's export (demo/README.md).
 set -u
 MODE=${1:-smoke}
 mkdir -p "${OUT:-gpu_out}"
