@@ -7,7 +7,9 @@
 # Writes under $OUT (default ./gpu_out): session.log, and in full mode gpu_bench.jsonl (with per-scale
 # wall times), profiles.tgz and traces.tgz (torch.profiler tables and Chrome traces of one run per
 # policy), the trained weights (vae.safetensors fp32, transformer.safetensors bf16) and run_logs.tgz
-# (their JSON logs). Every stage is bounded by `timeout`; a failing stage does not stop the next.
+# (their JSON logs, and a torch.profiler table of transformer steps 25-29, by phase and op; smoke
+# mode writes it as train_profile.txt). Every stage is bounded by `timeout`; a failing stage does
+# not stop the next.
 # INIT_TRANSFORMER (default demo/weights/transformer.safetensors) is the transformer to continue from
 # (bf16 works: stage 6 continued the bf16 export; a 28 MB fp32 file is over the 16 MB a call returns).
 # Stage budgets in seconds: BENCH_S (200; 0 skips the benchmarks), VAE_S (90; 0 skips the VAE and keeps the shipped one),
@@ -53,7 +55,7 @@ if [ "$MODE" = smoke ]; then
   stage "transformer 30 steps"
   run 120 $PY -m demo.train transformer --device "$DEV" --workers "$WORKERS" --steps 30 --batch-size 64 --lr 5e-4 \
       --per-scale-loss --init-transformer "$INIT_TF" --vae demo/weights/vae.safetensors --data-seed 3 \
-      --out "$WORK/tf" --log-every 10
+      --out "$WORK/tf" --log-every 10 --profile "$OUT/train_profile.txt"
   stage "model gate on cuda (8 captions, shipped weights)"
   run 60 $PY -m demo.evaluate model demo/weights --device "$DEV" --n 8
   stage done
@@ -93,7 +95,8 @@ run $(( ${TF_S:-200} + 100 )) $PY -m demo.train transformer --device "$DEV" --wo
     --minutes "$(awk "BEGIN{print ${TF_S:-200}/60}")" --steps 100000 --batch-size "${TF_BATCH:-64}" --lr "${TF_LR:-5e-4}" \
     --per-scale-loss --flip-max "${FLIP_MAX:-0}" --init-transformer "$INIT_TF" --vae "$WORK/tf/vae.safetensors" \
     --data-seed "${TF_SEED:-3}" --replay "${TF_REPLAY:-0}" ${TF_AMP:+--amp "$TF_AMP"} --out "$WORK/tf" \
-    --log-every 200 --save-every "${TF_SAVE_EVERY:-0}" --last-scale-weight "${TF_LAST_W:-1}"
+    --log-every 200 --save-every "${TF_SAVE_EVERY:-0}" --last-scale-weight "${TF_LAST_W:-1}" \
+    --profile "$WORK/tf/train_profile.txt"
 if [ "${TF2_S:-0}" -gt 0 ]; then  # stage 5 (what the shipped weights got): one call cannot hold both
   stage "transformer stage 5"
   cp "$WORK/tf/transformer.safetensors" "$WORK/tf_stage4.safetensors"
@@ -107,7 +110,7 @@ stage export
 run 60 $PY -m demo.model export "$WORK/tf" "$WORK/export"
 cp "$WORK/export/vae.safetensors" "$WORK/export/transformer.safetensors" "$OUT/" 2>/dev/null
 cp "$WORK/vae/vae.json" "$WORK/tf/vae_run.json" 2>/dev/null
-(cd "$WORK/tf" && tar czf "$OUT/run_logs.tgz" ./*.json) 2>/dev/null   # training runs' JSON logs
+(cd "$WORK/tf" && tar czf "$OUT/run_logs.tgz" ./*.json ./*.txt) 2>/dev/null   # JSON logs, step profile
 stage "model gate on cuda (64 held-out captions)"
 run 90 $PY -m demo.evaluate model "$WORK/export" --device "$DEV"
 stage done

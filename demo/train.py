@@ -54,6 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "render (0: every row rendered for its step; a GPU outruns the renderers)")
     g.add_argument("--amp", choices=("bf16",), help="forward and loss under bfloat16 autocast (a GPU)")
     g.add_argument("--stop-after", type=int, help="stop (and save) after this many steps of the --steps schedule")
+    g.add_argument("--profile", type=Path, help="write a torch.profiler table of steps 25-29 to this file")
     return p.parse_args(argv)
 
 
@@ -77,7 +78,8 @@ def main(argv: list[str] | None = None) -> None:
 
         train_transformer(args, a.vae or a.out / "vae.safetensors", cond_drop=a.cond_drop,
                           per_scale_loss=a.per_scale_loss, init=a.init_transformer, stop_after=a.stop_after,
-                          flip_max=a.flip_max, replay=a.replay, amp=a.amp, last_scale_weight=a.last_scale_weight)
+                          flip_max=a.flip_max, replay=a.replay, amp=a.amp, last_scale_weight=a.last_scale_weight,
+                          profile=a.profile)
 
 
 if __name__ == "__main__":

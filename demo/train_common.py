@@ -176,6 +176,63 @@ class ReplayBuffer:
         return self.rows[slots.to(self.rows.device)], [self.captions[i] for i in slots.tolist()]
 
 
+class StepProfiler:
+    """torch.profiler over steps ``start .. start + steps - 1`` of a run, written to ``path`` as two
+    tables of the top ops (by total and by self time; device time on a GPU, CPU time otherwise), so a
+    lent GPU's first run shows where a training step goes. The run labels its phases with
+    ``torch.profiler.record_function`` (they appear as rows). ``path`` None: does nothing.
+
+    The default start (25) is after ``TimeBudget``'s 20-step probe, so the profiler's overhead does
+    not enter the fitted step count. A profiler that fails is logged and dropped: it never stops a run.
+    """
+
+    def __init__(self, path: Path | None, device: torch.device, start: int = 25, steps: int = 5):
+        self.path, self.device, self.start, self.steps = path, device, start, steps
+        self._prof: torch.profiler.profile | None = None
+        self._t0 = 0.0
+
+    def before(self, step: int) -> None:
+        if self.path is None or step != self.start:
+            return
+        acts = [torch.profiler.ProfilerActivity.CPU]
+        if self.device.type == "cuda":
+            acts.append(torch.profiler.ProfilerActivity.CUDA)
+            torch.cuda.synchronize(self.device)
+        try:
+            prof = torch.profiler.profile(activities=acts)
+            prof.__enter__()
+        except Exception:  # noqa: BLE001 - diagnostics only
+            logger.exception("profiler did not start; training goes on without it")
+            return
+        self._prof, self._t0 = prof, time.perf_counter()
+
+    def after(self, step: int) -> None:
+        if self._prof is not None and step == self.start + self.steps - 1:
+            self.close()
+
+    def close(self) -> None:
+        """Stops and writes the tables (a run that ends inside the window writes what it has)."""
+        if self._prof is None:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        wall = time.perf_counter() - self._t0
+        prof, self._prof = self._prof, None
+        unit = "cuda" if self.device.type == "cuda" else "cpu"
+        try:
+            prof.__exit__(None, None, None)
+            ev = prof.key_averages()
+            parts = [f"# steps {self.start}..{self.start + self.steps - 1}: {wall:.3f} s wall under the profiler\n"]
+            for sort in (f"{unit}_time_total", f"self_{unit}_time_total"):
+                parts.append(f"\n# sorted by {sort}\n{ev.table(sort_by=sort, row_limit=40)}\n")
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text("".join(parts))
+        except Exception:  # noqa: BLE001 - diagnostics only
+            logger.exception("profiler tables not written; training goes on")
+            return
+        logger.info("wrote the profile of steps %d-%d to %s", self.start, self.start + self.steps - 1, self.path)
+
+
 class TimeBudget:
     """Fits a run's step count to a wall-clock budget: after ``probe`` steps the remaining time over
     the median step time gives the total, so the LR schedule (warm-up, cosine) ends with the budget.

@@ -41,6 +41,7 @@ from .train_common import (
     BackgroundBatches,
     ReplayBuffer,
     RunLog,
+    StepProfiler,
     TimeBudget,
     TrainArgs,
     check_finite,
@@ -186,14 +187,15 @@ def train_transformer(args: TrainArgs, vae_path: str | Path, *, cfg: Transformer
                       text_encoder_dir: Path | None = None, per_scale_loss: bool = False,
                       init: str | Path | None = None, stop_after: int | None = None,
                       flip_max: float = 0.0, replay: int = 0, amp: str | None = None,
-                      last_scale_weight: float = 1.0) -> InfinityTransformer:
+                      last_scale_weight: float = 1.0, profile: Path | None = None) -> InfinityTransformer:
     """Writes ``<out>/transformer.safetensors``, ``transformer.json`` and ``<out>/text_encoder/``.
 
     ``replay`` > 0 keeps that many encoded images in a ``ReplayBuffer`` on the device: each step
     takes the batches rendered since the last step (fresh rows first) and fills the rest from the
     buffer, so a GPU is not held to the renderers' pace (runs are then not reproducible: what is
     fresh depends on timing). ``amp="bf16"``: the forward and loss under bfloat16 autocast
-    (float32 weights and optimizer).
+    (float32 weights and optimizer). ``profile``: a ``StepProfiler`` table of steps 25-29 written
+    there (phases: data, teacher_forcing, text, forward_loss, backward_step).
     """
     if amp not in (None, "bf16"):
         raise ValueError(f"amp must be None or 'bf16', got {amp!r}")
@@ -227,6 +229,8 @@ def train_transformer(args: TrainArgs, vae_path: str | Path, *, cfg: Transformer
     logger.info("transformer %s: %.2fM parameters, %d tokens per image", cfg,
                 sum(p.numel() for p in tf.parameters()) / 1e6, sum(sizes))
     budget = TimeBudget(args.minutes)
+    profiler = StepProfiler(profile, dev)
+    phase = torch.profiler.record_function
     batches = train_batches(args.steps, args.batch_size, args.data_seed, args.workers)
     stream = BackgroundBatches(batches) if replay > 0 else None
     buffer: ReplayBuffer | None = None
@@ -236,34 +240,40 @@ def train_transformer(args: TrainArgs, vae_path: str | Path, *, cfg: Transformer
         for step in itertools.count():
             if step >= min(args.steps, stop_after or args.steps) or budget.over(step):  # --stop-after, budget
                 break
-            if stream is None:
-                item = next(batches, None)
-                if item is None:
-                    break
-                img_B3HW, captions = item
-                z_BDhw = vae.encode(img_B3HW.to(dev, non_blocking=True))
-            else:
-                fresh = []
-                for img_B3HW, caps in stream.ready(block=buffer is None):
-                    z = vae.encode(img_B3HW.to(dev, non_blocking=True))
-                    buffer = buffer or ReplayBuffer(replay, tuple(z.shape[1:]), dev)
-                    fresh.append(buffer.add(z, caps))
-                if buffer is None:
-                    break  # the stream ended before its first batch
-                z_BDhw, captions = buffer.take(buffer.batch(args.batch_size, torch.cat(fresh) if fresh else None,
-                                                            replay_gen))
+            profiler.before(step)
+            with phase("data"):
+                if stream is None:
+                    item = next(batches, None)
+                    if item is None:
+                        break
+                    img_B3HW, captions = item
+                    z_BDhw = vae.encode(img_B3HW.to(dev, non_blocking=True))
+                else:
+                    fresh = []
+                    for img_B3HW, caps in stream.ready(block=buffer is None):
+                        z = vae.encode(img_B3HW.to(dev, non_blocking=True))
+                        buffer = buffer or ReplayBuffer(replay, tuple(z.shape[1:]), dev)
+                        fresh.append(buffer.add(z, caps))
+                    if buffer is None:
+                        break  # the stream ended before its first batch
+                    z_BDhw, captions = buffer.take(buffer.batch(args.batch_size,
+                                                                torch.cat(fresh) if fresh else None, replay_gen))
             n = len(captions)
-            flip_B = torch.rand(n, generator=gen, device=gen.device) * flip_max if flip_max > 0 else None
-            x_BLd, labels_BLD = teacher_forcing_from_latent(vae, z_BDhw, grids, flip_B, gen)
-            drop_B = (torch.rand(n, generator=gen, device=gen.device) < cond_drop).to(dev)
-            text = drop_text(tf, enc.encode(captions).to(dev), drop_B)
-            with autocast():
+            with phase("teacher_forcing"):
+                flip_B = torch.rand(n, generator=gen, device=gen.device) * flip_max if flip_max > 0 else None
+                x_BLd, labels_BLD = teacher_forcing_from_latent(vae, z_BDhw, grids, flip_B, gen)
+            with phase("text"):
+                drop_B = (torch.rand(n, generator=gen, device=gen.device) < cond_drop).to(dev)
+                text = drop_text(tf, enc.encode(captions).to(dev), drop_B)
+            with phase("forward_loss"), autocast():
                 logits_BLV = tf.forward_train(text, x_BLd, grids, rope)
                 loss, acc_BL = bitwise_loss(logits_BLV, labels_BLD, sizes if per_scale_loss else None,
                                             last_scale_weight)
             acc_S = torch.stack([a.mean() for a in acc_BL.split(sizes, dim=1)])
-            norm = optimizer_step(tf, opt, loss, step, args, sync=False)
+            with phase("backward_step"):
+                norm = optimizer_step(tf, opt, loss, step, args, sync=False)
             row = torch.cat([loss.detach().float().view(1), acc_S.float(), norm.float().view(1)]).tolist()  # one sync
+            profiler.after(step)
             vals = {"loss": row[0], **{f"acc{si}": a for si, a in enumerate(row[1:-1])}, "grad_norm": row[-1]}
             check_finite(vals, step)
             log.record(step, **vals)
@@ -271,6 +281,7 @@ def train_transformer(args: TrainArgs, vae_path: str | Path, *, cfg: Transformer
             if args.save_every and step and step % args.save_every == 0:
                 save_run(tf, args.out, "transformer", cfg, args, log)
     finally:
+        profiler.close()
         if stream is not None:
             stream.close()
         batches.close()

@@ -56,6 +56,18 @@ def test_transformer_three_steps(vae_dir: Path, tmp_path: Path) -> None:
     assert (tmp_path / "text_encoder" / "tokenizer.json").is_file()
 
 
+def test_transformer_profile_names_the_phases_of_a_step(vae_dir: Path, tmp_path: Path) -> None:
+    """``--profile``: steps 25-29 under torch.profiler, the step's phases and the ops inside them in the table."""
+    args = TrainArgs(out=tmp_path, steps=30, batch_size=2, lr=1e-3)
+    train_transformer(args, vae_dir / "vae.safetensors", cfg=TINY_TF, vae_cfg=TINY_VAE,
+                      text_encoder_dir=tmp_path / "text_encoder", profile=tmp_path / "prof" / "steps.txt")
+    table = (tmp_path / "prof" / "steps.txt").read_text()
+    assert table.startswith("# steps 25..29:")
+    for name in ("data", "teacher_forcing", "text", "forward_loss", "backward_step", "aten::mm"):
+        assert name in table, name
+    assert table.count("# sorted by") == 2
+
+
 def test_vae_gate_report(vae_dir: Path) -> None:
     """The recipe's VAE gate reads the trained file and scores its reconstructions (a 3-step VAE scores low)."""
     from demo.evaluate import vae_report
