@@ -14,6 +14,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 from transformers import AutoTokenizer, T5EncoderModel
 
@@ -111,6 +112,30 @@ class T5TextEncoder:
                              verbose=False)["input_ids"]
         return [len(x) for x in ids]
 
+    def tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor, list[bool]]:
+        """(input ids (B, L) int64, attention mask (B, L) int64, per prompt whether it was cut), as
+        ``tokenizer(prompts, max_length=max_length, truncation=True, padding=...)`` gives them.
+
+        One tokenizer pass without truncation serves both the length check and the batch; only the
+        prompts over ``max_length`` go through the tokenizer's own truncation a second time.
+        """
+        ids = self.tokenizer(prompts, add_special_tokens=True, truncation=False, padding=False,
+                             verbose=False)["input_ids"]
+        truncated = [len(x) > self.max_length for x in ids]
+        long = [i for i, cut in enumerate(truncated) if cut]
+        if long:
+            cut_ids = self.tokenizer([prompts[i] for i in long], max_length=self.max_length, truncation=True,
+                                     padding=False)["input_ids"]
+            for i, x in zip(long, cut_ids, strict=True):
+                ids[i] = x
+        width = self.max_length if self.pad_to_max_length else max(len(x) for x in ids)
+        ids_BL = np.full((len(ids), width), self.tokenizer.pad_token_id, dtype=np.int64)
+        mask_BL = np.zeros((len(ids), width), dtype=np.int64)
+        for b, x in enumerate(ids):
+            ids_BL[b, :len(x)] = x
+            mask_BL[b, :len(x)] = 1
+        return torch.from_numpy(ids_BL), torch.from_numpy(mask_BL), truncated
+
     def encode(self, prompts: list[str]) -> TextCond:
         return self.encode_with_info(prompts)[0]
 
@@ -121,14 +146,11 @@ class T5TextEncoder:
             raise ValueError("prompts must be a non-empty list of strings")
         if not all(isinstance(p, str) for p in prompts):
             raise TypeError("every prompt must be a str")
-        truncated = [n > self.max_length for n in self.token_counts(prompts)]
+        ids_BL, mask_BL, truncated = self.tokenize(prompts)
         for i, cut in enumerate(truncated):
             if cut:
                 logger.warning("prompt %d is longer than %d tokens and was truncated", i, self.max_length)
-        batch = self.tokenizer(prompts, max_length=self.max_length, truncation=True, return_tensors="pt",
-                               padding="max_length" if self.pad_to_max_length else "longest")
-        ids_BL = batch["input_ids"].to(self.device)
-        mask_BL = batch["attention_mask"].to(self.device)
+        ids_BL, mask_BL = ids_BL.to(self.device), mask_BL.to(self.device)
         hidden_BLC = self.model(input_ids=ids_BL, attention_mask=mask_BL).last_hidden_state.float()
         lens_B = mask_BL.sum(dim=1).to(torch.int64)
         t = int(lens_B.max())

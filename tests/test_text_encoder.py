@@ -112,6 +112,23 @@ def test_truncation_flag(tiny_dir: Path) -> None:
     assert cond.features_BTC.shape == (3, 5, 256)
 
 
+@pytest.mark.parametrize("pad_to_max_length", [True, False])
+def test_tokenize_matches_the_tokenizers_own_truncation_and_padding(tiny_dir: Path, pad_to_max_length: bool) -> None:
+    """The single-pass ``tokenize`` gives exactly what ``tokenizer(..., truncation=True, padding=...)`` gives."""
+    enc = T5TextEncoder(tiny_dir, device="cpu", max_length=6, pad_to_max_length=pad_to_max_length)
+    prompts = ["red circle", "", "one two three four five", "one two three four five six seven eight",
+               "a zebra in a purple quokka at the top left", "small green square"]
+    ids_BL, mask_BL, truncated = enc.tokenize(prompts)
+    ref = enc.tokenizer(prompts, max_length=6, truncation=True, return_tensors="pt",
+                        padding="max_length" if pad_to_max_length else "longest")
+    assert ids_BL.dtype == ref["input_ids"].dtype and mask_BL.dtype == ref["attention_mask"].dtype
+    assert torch.equal(ids_BL, ref["input_ids"]) and torch.equal(mask_BL, ref["attention_mask"])
+    assert truncated == [False, False, False, True, True, False]
+    assert ids_BL.shape == (6, 6)  # the longest prompt is cut to max_length, so "longest" is 6 here too
+    short_ids, _, _ = enc.tokenize(["red circle", "small green square"])
+    assert short_ids.shape == ((2, 6) if pad_to_max_length else (2, 4))
+
+
 def test_missing_folder_names_path(tmp_path: Path) -> None:
     missing = tmp_path / "no-such-t5"
     with pytest.raises(FileNotFoundError, match="no-such-t5"):
