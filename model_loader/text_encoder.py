@@ -106,12 +106,6 @@ class T5TextEncoder:
         """C: channels of the features (2048 for flan-t5-xl, 256 for tiny-t5)."""
         return int(self.model.config.d_model)
 
-    def token_counts(self, prompts: list[str]) -> list[int]:
-        """Untruncated token count of each prompt, ``</s>`` included."""
-        ids = self.tokenizer(prompts, add_special_tokens=True, truncation=False, padding=False,
-                             verbose=False)["input_ids"]
-        return [len(x) for x in ids]
-
     def tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor, list[bool]]:
         """(input ids (B, L) int64, attention mask (B, L) int64, per prompt whether it was cut), as
         ``tokenizer(prompts, max_length=max_length, truncation=True, padding=...)`` gives them.
