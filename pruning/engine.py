@@ -51,6 +51,9 @@ class ImageResult:
     prompt_truncated: bool = False
     stopped: bool = False
     """Its request was stopped mid-batch (``Engine.generate``'s ``stopped``): no image (zeros)."""
+    text_tokens: int = 0
+    """Tokens the text encoder read for it (after truncation, with EOS): its prompt's, plus its
+    negative prompt's when it has one (a usage figure, as OpenAI's ``input_tokens``)."""
 
 
 @dataclass
@@ -131,15 +134,17 @@ class Engine:
             text, truncated = enc.encode(prompts), [False] * len(prompts)
         return text.to(self.model.device), truncated
 
-    def _uncond_text(self, requests: list[ImageRequest], text: TextCond) -> TextCond | None:
-        """Per sample: the negative prompt's features, or the learned cfg_uncond rows."""
+    def _uncond_text(self, requests: list[ImageRequest], text: TextCond) -> tuple[TextCond | None, list[int]]:
+        """Per sample: the negative prompt's features, or the learned cfg_uncond rows; and the
+        negative prompt's token count (0 without one)."""
         negs = [r.negative_prompt for r in requests]
         if not any(negs):
-            return None
+            return None, [0] * len(requests)
         learned = self.model.transformer.uncond_text(text.lens_B.cpu()).to(self.model.device)
         neg_text, _ = self.encode([n or "" for n in negs])
         parts = [neg_text.select([i]) if n else learned.select([i]) for i, n in enumerate(negs)]
-        return TextCond.cat(parts)
+        neg_tokens = [int(k) if n else 0 for k, n in zip(neg_text.lens_B.tolist(), negs, strict=True)]
+        return TextCond.cat(parts), neg_tokens
 
     def generate(self, requests: list[ImageRequest], grids: tuple[tuple[int, int], ...],
                  on_scale: ScaleCallback | None = None,
@@ -152,13 +157,14 @@ class Engine:
         t0 = time.perf_counter()
         with torch.inference_mode():
             text, truncated = self.encode([r.prompt for r in requests])
-            negative = self._uncond_text(requests, text)
+            negative, neg_tokens = self._uncond_text(requests, text)
+            text_tokens = [int(k) + n for k, n in zip(text.lens_B.tolist(), neg_tokens, strict=True)]
         t1 = time.perf_counter()
         out = generate(self.model, text, grids, [r.sampling for r in requests],
                        [policy_for(r) for r in requests], negative=negative, graphs=self.graphs,
                        on_scale=on_scale, stopped=stopped)
         self.last_timing = BatchTiming(t1 - t0, time.perf_counter() - t1)
-        return [ImageResult(out.images_BHW3[i], out.stats[i], truncated[i], i in out.stopped)
+        return [ImageResult(out.images_BHW3[i], out.stats[i], truncated[i], i in out.stopped, text_tokens[i])
                 for i in range(len(requests))]
 
     def warmup(self, pn: str | None = None) -> float:

@@ -49,6 +49,7 @@ class ImageOut:
     height: int
     stats: dict[str, Any]
     prompt_truncated: bool
+    text_tokens: int = 0
 
 
 @dataclass
@@ -142,7 +143,7 @@ class EngineClient:
         seconds = time.perf_counter() - t0
         h, w = self.engine.image_size(grids)
         flat = [ImageOut(r.image_HW3.contiguous().cpu().numpy().tobytes(), w, h, r.stats.to_dict(),
-                         r.prompt_truncated) for r in results]
+                         r.prompt_truncated, r.text_tokens) for r in results]
         out, i = [], 0
         for s in specs:
             out.append(flat[i:i + s.n])

@@ -379,7 +379,8 @@ class Worker:
         result = result_doc(h.spec, imgs[0].width, imgs[0].height,
                             queue_wait_s=(h.entry.started_ms - h.entry.created_ms) / 1000,
                             inference_s=out.seconds, batch_images=batch_images(live),
-                            per_image=[{"stats": i.stats, "prompt_truncated": i.prompt_truncated} for i in imgs],
+                            per_image=[{"stats": i.stats, "prompt_truncated": i.prompt_truncated,
+                                        "text_tokens": i.text_tokens} for i in imgs],
                             worker_s=time.monotonic() - h.entry.claimed_at)
         fields: dict[str, Any] = {"result": json.dumps(result)}
         fields.update({f"img{k}": img.rgb for k, img in enumerate(imgs)})

@@ -57,12 +57,13 @@ def _seeds(seed: int | None, n: int) -> list[int]:
     return [base + i for i in range(n)]
 
 
-def _size(s: ServiceSettings, **kw: Any) -> Any:
+def _size(s: ServiceSettings, param: str | None = None, **kw: Any) -> Any:
+    """``param``: the request field to name in an error (default: the field the resolver names)."""
     preset = MODEL_PRESETS[s.model_preset]
     try:
         return resolve_size(sizes=ModelSizes(preset.served_pns, preset.pn, preset.pixels_per_token), **kw)
     except SizeError as e:
-        raise ApiError(400, str(e), param=e.param, code="invalid_size") from None
+        raise ApiError(400, str(e), param=param or e.param, code="invalid_size") from None
 
 
 def spec_from_generate(req: GenerateRequest, s: ServiceSettings) -> JobSpec:
@@ -90,7 +91,7 @@ def spec_from_openai(req: OpenAIImageRequest, s: ServiceSettings) -> JobSpec:
         width, height = parse_openai_size(req.size)
     except SizeError as e:
         raise ApiError(400, str(e), param="size", code="invalid_size") from None
-    size = _size(s, width=width, height=height, aspect_ratio=None, resolution=None)
+    size = _size(s, "size", width=width, height=height, aspect_ratio=None, resolution=None)
     pruning, label = resolve_pruning(req.pruning, s)
     d = MODEL_PRESETS[s.model_preset].sampling
     fmt = req.output_format or "png"
@@ -117,7 +118,8 @@ def image_items(job: Job, encoded: list[bytes] | None) -> list[dict[str, Any]]:
         stats = {k: st[k] for k in ("tokens_computed", "tokens_full", "uncond_stop_scale", "ideal_speedup",
                                     "kept_fraction_per_scale")}
         item = {"seed": info["seed"], "stats": {"seed": info["seed"], **stats,
-                                                "prompt_truncated": info["prompt_truncated"]}}
+                                                "prompt_truncated": info["prompt_truncated"],
+                                                "text_tokens": info.get("text_tokens", 0)}}
         if data is not None:
             item["b64_json"] = Base64(data)
         out.append(item)
@@ -156,12 +158,15 @@ def openai_body(job: Job, encoded: list[bytes], quality: str | None, urls: list[
     items = image_items(job, encoded if urls is None else None)
     computed = sum(i["stats"]["tokens_computed"] for i in items)
     full = sum(i["stats"]["tokens_full"] for i in items)
+    # the request's text, counted once (its n images share the prompt and negative prompt)
+    text = items[0]["stats"]["text_tokens"] if items else 0
     data = ([{"b64_json": None, "url": u, "revised_prompt": None, "seed": i["seed"]}
              for i, u in zip(items, urls, strict=True)] if urls is not None else
             [{"b64_json": i["b64_json"], "url": None, "revised_prompt": None, "seed": i["seed"]} for i in items])
     return {"created": job.created_ms // 1000, "output_format": sp.output_format, "size": f"{sp.width}x{sp.height}",
             "quality": quality, "data": data,
-            "usage": {"input_tokens": 0, "output_tokens": computed, "total_tokens": computed,
+            "usage": {"input_tokens": text, "output_tokens": computed, "total_tokens": text + computed,
+                      "input_tokens_details": {"text_tokens": text, "image_tokens": 0},
                       "output_tokens_details": {"image_tokens": computed, "image_tokens_full": full,
                                                 "pruned_tokens": full - computed}},
             "metrics": {**job_metrics(job), "id": job.id, "pruning": sp.pruning_label,

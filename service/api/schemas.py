@@ -61,6 +61,8 @@ class ImageStats(BaseModel):
     ideal_speedup: float
     kept_fraction_per_scale: list[float]
     prompt_truncated: bool
+    text_tokens: int = Field(0, description="Tokens of text the encoder read for this image: its prompt (after "
+                             "truncation, with the end token), plus its negative prompt when it has one")
 
 
 class JobMetrics(BaseModel):
@@ -155,9 +157,10 @@ class OpenAIImage(BaseModel):
 
 
 class OpenAIUsage(BaseModel):
-    input_tokens: int = 0
-    output_tokens: int
+    input_tokens: int = Field(0, description="Text tokens of the request's prompt and negative prompt, counted once")
+    output_tokens: int = Field(description="Image tokens computed (after pruning), all images")
     total_tokens: int
+    input_tokens_details: dict[str, int] | None = None
     output_tokens_details: dict[str, int]
 
 

@@ -9,6 +9,7 @@ import uuid
 from collections.abc import Iterator
 
 import httpx
+import openai
 import pytest
 import redis
 
@@ -65,6 +66,10 @@ def test_not_ready_without_worker_then_429_on_full_queue(split: dict) -> None:
     r = submit(api, {"prompt": "one too many"})
     assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
     assert r.json()["error"]["code"] == "queue_full"
+    sdk = openai.OpenAI(base_url=f"{api.url}/v1", api_key="unused", max_retries=0)  # as OpenAI SDK users see it
+    with pytest.raises(openai.RateLimitError) as full:
+        sdk.images.generate(prompt="one too many")
+    assert full.value.code == "queue_full" and int(full.value.response.headers["retry-after"]) >= 1
     depth = httpx.get(f"{api.url}/metrics").text
     assert metric(depth, 'ldserve_queue_depth{state="waiting"}') == 3
     for i in ids:  # canceled jobs are dropped by the worker before the GPU
