@@ -5,7 +5,8 @@ call for one image: one ``torch.multinomial`` per scale over the (L * d_t, 2) bi
 matrix with a generator seeded by the sample's seed on the model's device. The official
 code draws a whole batch from one generator; a generator per sample makes every image
 independent of what it is batched with, and equals the official draw for batch size 1 (the
-only size the official scripts use).
+only size the official scripts use). A pruned scale (``sample_kept_bits_``) draws over the whole
+grid so that its kept tokens meet the random numbers of the unpruned draw.
 """
 
 from __future__ import annotations
@@ -75,3 +76,23 @@ def sample_bits_(logits_LdV: torch.Tensor, top_k: int, top_p: float, generator: 
         logits.masked_fill_(remove.scatter(sorted_idx.ndim - 1, sorted_idx, remove), -torch.inf)
     probs = logits.softmax(dim=-1).view(-1, v)
     return torch.multinomial(probs, num_samples=1, replacement=True, generator=generator).view(length, d)
+
+
+def sample_kept_bits_(logits_KdV: torch.Tensor, keep_idx_K: torch.Tensor, length: int, top_k: int, top_p: float,
+                      generator: torch.Generator) -> torch.Tensor:
+    """Sample the kept tokens of a pruned scale of ``length`` tokens with the random numbers they
+    would have drawn unpruned. Returns int64 (K, d).
+
+    ``torch.multinomial`` with one sample draws an exponential variate per matrix entry, in order,
+    whatever the probabilities; so the draw covers the whole (length, d, 2) grid, the kept logits at
+    their positions and even logits elsewhere: every kept bit meets the variate of its position in
+    the unpruned run, and the generator ends in the unpruned run's state, so later scales draw the
+    same numbers too. (Sampling only the K kept rows would shift every later variate: a pruned image
+    would then differ from the unpruned one of its seed by a new draw, not by what pruning changed.)
+    ``K == 0``: the generator still advances as the unpruned scale's draw.
+    """
+    k, d, v = logits_KdV.shape
+    full_LdV = logits_KdV.new_zeros(length, d, v)
+    if k:
+        full_LdV[keep_idx_K] = logits_KdV
+    return sample_bits_(full_LdV, top_k, top_p, generator)[keep_idx_K]

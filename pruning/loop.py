@@ -27,7 +27,7 @@ from model_loader.generate import build_text_rows, new_kv_cache, next_scale_inpu
 from model_loader.kv_cache import ScaleLayout
 from model_loader.layers import rope_tables
 from model_loader.model import InfinityModel
-from model_loader.sampling import SamplingParams, guidance_weights, make_generators, sample_bits_
+from model_loader.sampling import SamplingParams, guidance_weights, make_generators, sample_bits_, sample_kept_bits_
 from model_loader.schedules import image_size, rope_positions, scale_offsets
 from model_loader.text_cond import TextCond
 from model_loader.transformer import head_cond
@@ -303,17 +303,22 @@ def _sample_scale(model, si, grid, rows: _Rows, plans: list[ScalePlan], logits_N
             unc = logits_NLV[u, :k].float() * inv_tau[s] if u is not None else None
             guided = cond if unc is None else w_c[s] * cond + w_u[s] * unc
             policies[s].observe(ctxs[s], ScaleObservation(cond, unc))
-            kept_bits = sample_bits_(guided.view(k, -1, 2), params[s].top_k, params[s].top_p, gens[s])
         if plan.keep_idx_K is None:
+            kept_bits = sample_bits_(guided.view(k, -1, 2), params[s].top_k, params[s].top_p, gens[s])
             tok_bits = kept_bits.to(torch.uint8)
             vae_bits = tokens_to_vae_bits(tok_bits[None], grid, preset.spatial_patchify)[0]
             codes = bits_to_codes(vae_bits[None])[0]
         else:
+            # the unpruned scale's draw at the kept positions (and the generator advanced as by it,
+            # also when nothing is kept)
+            keep_idx_K = plan.keep_idx_K.to(dev)
+            guided_KdV = guided.view(k, -1, 2) if k else torch.zeros(0, preset.transformer.token_bits, 2, device=dev)
+            kept_bits = sample_kept_bits_(guided_KdV, keep_idx_K, length, params[s].top_k, params[s].top_p, gens[s])
             src = hist_bits[s] if plan.fill_from_scale is None else history_bits(history[s], plan.fill_from_scale)
             fill = _fill_bits(src, grid_vae, nbits, dev)
             tok_bits = vae_bits_to_tokens(fill[None], preset.spatial_patchify)[0].clone()
             if k:
-                tok_bits[plan.keep_idx_K.to(dev)] = kept_bits.to(torch.uint8)
+                tok_bits[keep_idx_K] = kept_bits.to(torch.uint8)
             vae_bits = tokens_to_vae_bits(tok_bits[None], grid, preset.spatial_patchify)[0]
             codes = bits_to_codes(vae_bits[None])[0]
             if plan.zero_fill:
