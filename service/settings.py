@@ -104,6 +104,10 @@ class ServiceSettings(BaseSettings):
     public_base_url: str | None = None
     """Scheme and host that file links start with (``https://images.example.com``); unset: the
     request's own (behind a proxy, uvicorn's --proxy-headers and the Host header decide it)."""
+    model_aliases: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Comma-separated other names that the OpenAI route's ``model`` accepts for the served model
+    (``dall-e-3,gpt-image-1``: client code written for OpenAI runs unchanged); ``GET /v1/models``
+    lists them after the preset's name."""
     public_docs: bool = False
     playground: bool = True
     """``GET /`` serves a one-page playground (prompt, settings, live progress and previews over the
@@ -123,7 +127,7 @@ class ServiceSettings(BaseSettings):
     milliseconds, request id, job id when the response names one, client); health probes and
     metrics scrapes at DEBUG, so a Kubernetes probe every few seconds does not flood the log."""
 
-    @field_validator("api_keys", "cors_origins", mode="before")
+    @field_validator("api_keys", "cors_origins", "model_aliases", mode="before")
     @classmethod
     def _split(cls, v: object) -> object:
         if isinstance(v, str):
@@ -137,6 +141,14 @@ class ServiceSettings(BaseSettings):
             if len(k) < 16:
                 raise ValueError("api_keys: every key needs at least 16 characters")
         return [hash_key(k) for k in v]
+
+    @field_validator("model_aliases")
+    @classmethod
+    def _alias_names(cls, v: list[str]) -> list[str]:
+        for name in v:
+            if len(name) > 64 or not all(c.isalnum() or c in "-_.:/" for c in name):
+                raise ValueError(f"model_aliases: {name!r} is not a model name (letters, digits, -_.:/, <= 64)")
+        return list(dict.fromkeys(v))
 
     @field_validator("public_base_url")
     @classmethod

@@ -83,8 +83,9 @@ def spec_from_generate(req: GenerateRequest, s: ServiceSettings) -> JobSpec:
 def spec_from_openai(req: OpenAIImageRequest, s: ServiceSettings) -> JobSpec:
     if req.background == "transparent":
         raise ApiError(400, "transparent backgrounds are not supported", param="background", code="unsupported_value")
-    if req.model is not None and req.model not in (s.model_preset, "ldserve"):
-        raise ApiError(404, f"model {req.model!r} is not served here; use {s.model_preset!r}", param="model",
+    if req.model is not None and req.model not in (s.model_preset, "ldserve", *s.model_aliases):
+        names = ", ".join(repr(n) for n in (s.model_preset, *s.model_aliases))
+        raise ApiError(404, f"model {req.model!r} is not served here; use {names}", param="model",
                        code="model_not_found")
     _check_limits(req.prompt, req.negative_prompt, req.n, s)
     try:

@@ -25,9 +25,10 @@ log = logging.getLogger(__name__)
 
 @protected.get("/v1/models", response_model=ModelList, tags=["models"])
 async def list_models(request: Request, settings: SettingsDep) -> Any:
-    """The served model (OpenAI list shape)."""
-    return {"object": "list", "data": [{"id": settings.model_preset, "object": "model",
-                                        "created": int(request.app.state.started_at), "owned_by": "ldserve"}]}
+    """The served model and its aliases (``LDSERVE_MODEL_ALIASES``), OpenAI list shape."""
+    created = int(request.app.state.started_at)
+    return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "ldserve"}
+                                       for name in (settings.model_preset, *settings.model_aliases)]}
 
 
 PLAYGROUND = Path(__file__).with_name("playground.html")

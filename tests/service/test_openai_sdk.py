@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import base64
 import io
+import uuid
+from collections.abc import Iterator
 
 import openai
 import pytest
@@ -13,7 +15,18 @@ from transformers import AutoTokenizer
 
 from model_loader.text_encoder import ensure_tiny_t5
 
-from .conftest import API_KEY, Proc
+from .conftest import API_KEY, Proc, base_env, free_port, ready, start, wait_for
+
+
+@pytest.fixture(scope="module")
+def serve(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proc]:
+    """`ldserve serve` with an API key and OpenAI's model names as aliases of the served model."""
+    env = base_env(redis_url, f"sdk{uuid.uuid4().hex[:6]}", api_keys=API_KEY, max_batch_size=4,
+                   model_aliases="dall-e-3,gpt-image-1")
+    p = start("serve", env, tmp_path_factory.mktemp("sdk"), port=free_port())
+    wait_for(lambda: ready(p.url), 120, "serve ready", p)
+    yield p
+    p.stop()
 
 
 @pytest.fixture(scope="module")
@@ -32,9 +45,9 @@ def image(b64: str) -> Image.Image:
 
 
 def test_generate_with_extensions_and_usage(client: openai.OpenAI) -> None:
-    assert [m.id for m in client.models.list()] == ["tiny-2b"]
+    assert [m.id for m in client.models.list()] == ["tiny-2b", "dall-e-3", "gpt-image-1"]
     prompt, negative = "a red fox in the snow at dawn", "blurry"
-    r = client.images.generate(prompt=prompt, model="tiny-2b", size="256x256", n=2, output_format="webp",
+    r = client.images.generate(prompt=prompt, model="gpt-image-1", size="256x256", n=2, output_format="webp",
                                extra_body={"seed": 11, "negative_prompt": negative, "pruning": "fast"})
     assert isinstance(r, openai.types.ImagesResponse) and r.size == "256x256" and r.output_format == "webp"
     assert [d.model_extra["seed"] for d in r.data] == [11, 12]
@@ -75,6 +88,10 @@ def test_errors_arrive_as_the_sdk_error_classes(serve: Proc, client: openai.Open
     with pytest.raises(openai.BadRequestError) as bad:
         client.images.generate(prompt="x", extra_body={"pruning": "no-such-preset"})
     assert bad.value.param == "pruning"
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.images.generate(prompt="x", model="dall-e-2")
+    assert (missing.value.code, missing.value.param) == ("model_not_found", "model")
+    assert "'tiny-2b', 'dall-e-3', 'gpt-image-1'" in missing.value.message
     wrong = openai.OpenAI(base_url=f"{serve.url}/v1", api_key="not-the-key-0123456789", max_retries=0)
     with pytest.raises(openai.AuthenticationError) as auth:
         wrong.images.generate(prompt="x")

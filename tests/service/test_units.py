@@ -82,10 +82,11 @@ def test_settings_fail_fast(monkeypatch: pytest.MonkeyPatch) -> None:
     for bad in ({"model_preset": "nope"}, {"default_pruning": "turbo"}, {"api_keys": "short"},
                 {"cors_origins": "*"}, {"max_batch_size": 2, "max_n": 4}, {"transformer_path": "/x"},
                 {"switch_interval_ms": 0}, {"public_base_url": "images.example.com"},
-                {"public_base_url": "https://x.example/?a=1"}):
+                {"public_base_url": "https://x.example/?a=1"}, {"model_aliases": "dall e 3"}):
         with pytest.raises(ValidationError):
             ServiceSettings(**bad)  # type: ignore[arg-type]
     assert ServiceSettings(public_base_url="https://x.example/").public_base_url == "https://x.example"
+    assert ServiceSettings(model_aliases=" dall-e-3,gpt-image-1,dall-e-3").model_aliases == ["dall-e-3", "gpt-image-1"]
 
 
 def test_file_link_signature_covers_job_file_and_expiry() -> None:
