@@ -45,7 +45,7 @@ POLICIES = {
     "rho 0.9": lambda: LDPruning(PruningConfig(energy_keep_ratio=0.9)),
     "delta 0.05": lambda: LDPruning(PruningConfig(uncond_stop_tol=0.05)),
     "delta 0.3": lambda: LDPruning(PruningConfig(uncond_stop_tol=0.3)),
-    "fill zero": lambda: LDPruning(PruningConfig(fill_mode="zero")),
+    "fill nearest (paper)": lambda: LDPruning(PruningConfig(fill_mode="nearest")),
     "energy nearest": lambda: LDPruning(PruningConfig(energy_interp="nearest")),
     # The paper prunes the last 3 of 13 scales (1024 px); on a 7-scale schedule those 3 hold 89 %
     # of the tokens, so fewer pruned scales show where the fidelity goes.

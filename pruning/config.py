@@ -17,7 +17,8 @@ FillMode = Literal["nearest", "zero"]
 
 @dataclass(frozen=True)
 class PruningConfig:
-    """LD-Pruning settings of one sample (all fields optional: defaults are the paper's)."""
+    """LD-Pruning settings of one sample (all fields optional: defaults are the paper's, but for the
+    fill of skipped tokens, ``fill_mode``)."""
 
     lhep: bool = True
     """Latent high-frequency energy pruning: recompute only high-energy tokens at detail scales."""
@@ -36,8 +37,14 @@ class PruningConfig:
     eps: float = 1e-6
     energy_interp: EnergyInterp = "bilinear"
     """Resampling of the smoothed energy map to the scale's grid."""
-    fill_mode: FillMode = "nearest"
-    """Skipped tokens take the previous residual upsampled nearest (paper), or zero (no update)."""
+    fill_mode: FillMode = "zero"
+    """Skipped tokens add nothing to the latent (``zero``, project decision), or the previous
+    residual upsampled nearest (``nearest``, the paper's fill). The multi-scale quantizer's codes
+    have unit norm at every scale, so where the residual is small a code overshoots and the next
+    scale's code tends to point the other way: on the demo, the VAE's own codes at the last scale
+    agree with the upsampled previous code on 27 % of the bits at low-energy tokens (the sampled
+    ones 31 %), so copying it moves those tokens away from the unpruned result, and adding nothing
+    is closer (demo: +1.0 dB PSNR, and fewer tokens kept at the next scale; model card)."""
     force_keep_fraction: float | None = None
     """Benchmarks only: keep exactly this fraction of tokens (highest energy first) at LHEP scales."""
     force_stop_scale: int | None = None

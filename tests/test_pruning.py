@@ -161,6 +161,35 @@ def test_pruning_one_scale_leaves_the_later_draws_of_the_seed(model):
         assert agree > 0.98, agree
 
 
+def test_skipped_tokens_add_nothing_by_default_or_the_previous_residual():
+    """LHEP on the last scale only, default fill against the paper's: the kept tokens get the same
+    bits (same logits, same draw), the skipped ones add nothing (zero) or the previous residual's
+    code at their place (nearest), a unit code of +-1/sqrt(D) in every channel."""
+    model = random_model(get_preset("tiny-2b"), seed=3)
+    assert model.preset.vae_scale == 1 and PruningConfig().fill_mode == "zero"
+    text, params = _text(1, seed=6), [SamplingParams(cfg=3.0, tau=0.5, seed=21)]
+    kept: list[torch.Tensor] = []
+
+    class Spy(LDPruning):
+        def plan(self, ctx):
+            p = super().plan(ctx)
+            if p.keep_idx_K is not None:
+                kept.append(p.keep_idx_K.clone())
+            return p
+
+    runs = {mode: generate(model, text, GRIDS, params, [Spy(PruningConfig(lhep_last_scales=1, sats=False,
+                                                                          fill_mode=mode))])
+            for mode in ("zero", "nearest")}
+    assert len(kept) == 2 and torch.equal(kept[0], kept[1]) and 0 < len(kept[0]) < 256
+    skipped_L = torch.ones(256, dtype=torch.bool)
+    skipped_L[kept[0]] = False
+    diff_DL = (runs["nearest"].summed_codes_BDhw - runs["zero"].summed_codes_BDhw)[0].flatten(1)
+    assert torch.equal(runs["nearest"].bits_per_scale[-1], runs["zero"].bits_per_scale[-1])
+    assert diff_DL[:, ~skipped_L].abs().max() == 0
+    unit = 1 / model.preset.vae.codebook_bits ** 0.5
+    torch.testing.assert_close(diff_DL[:, skipped_L].abs(), torch.full_like(diff_DL[:, skipped_L], unit))
+
+
 def test_statistics_add_up(model):
     text = _text(2, seed=5)
     out = generate(model, text, GRIDS, PARAMS[:2], [LDPruning(PruningConfig(uncond_stop_tol=0.6)),

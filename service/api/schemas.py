@@ -21,6 +21,9 @@ class PruningOptions(BaseModel):
     uncond_stop_tol: float | None = Field(None, ge=0, le=10, description="delta: SATS stop tolerance")
     lhep: bool | None = Field(None, description="Enable latent high-frequency energy pruning")
     sats: bool | None = Field(None, description="Enable semantic-adaptive termination of the uncond branch")
+    fill_mode: Literal["zero", "nearest"] | None = Field(
+        None, description="Tokens LHEP skips add nothing (zero, default) or repeat the previous residual "
+                          "upsampled (nearest, the paper's fill)")
 
 
 PruningField = str | PruningOptions | None

@@ -24,7 +24,7 @@ def test_quality_benchmark_writes_rows_and_charts(tmp_path):
                           timeout=600, env={"LDSERVE_CACHE_DIR": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = {r["policy"]: r for r in map(json.loads, (ln for ln in proc.stdout.splitlines() if ln.startswith("{")))}
-    assert {"unpruned", "ld-pruning (balanced)", "fastvar-style", "skipvar-style", "fill zero"} <= set(rows)
+    assert {"unpruned", "ld-pruning (balanced)", "fastvar-style", "skipvar-style", "fill nearest (paper)"} <= set(rows)
     assert rows["unpruned"]["psnr_db"] == 99.0 and rows["unpruned"]["ssim"] == 1.0  # identical to itself
     assert rows["fastvar-style"]["ideal_speedup"] > 1.5
     for r in rows.values():

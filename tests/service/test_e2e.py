@@ -72,7 +72,8 @@ def test_sync_generate_returns_image_of_requested_size(serve: Proc) -> None:
 @pytest.mark.parametrize("fmt", ["jpeg", "webp"])
 def test_formats_and_aspect_ratio(serve: Proc, fmt: str) -> None:
     r = post(serve, "/generate", {"prompt": "a lake", "aspect_ratio": "16:9", "output_format": fmt, "quality": 50,
-                                  "pruning": {"preset": "fast", "energy_keep_ratio": 0.4}, "guidance_scale": 4})
+                                  "pruning": {"preset": "fast", "energy_keep_ratio": 0.4, "fill_mode": "nearest"},
+                                  "guidance_scale": 4})
     assert r.status_code == 200, r.text
     img = decode(r.json()["data"][0]["b64_json"])
     assert img.format == fmt.upper() and img.size == (r.json()["width"], r.json()["height"])
@@ -213,6 +214,7 @@ BAD = [
     ({"prompt": "x", "pruning": "turbo"}, 400, "pruning"),
     ({"prompt": "x", "pruning": {"energy_keep_ratio": 0}}, 422, "pruning.energy_keep_ratio"),
     ({"prompt": "x", "pruning": {"preset": "turbo"}}, 400, "pruning.preset"),
+    ({"prompt": "x", "pruning": {"fill_mode": "bicubic"}}, 422, "pruning.fill_mode"),
     ({"prompt": "x", "width": 256, "height": 4000}, 400, "height"),
     ({"prompt": "x", "width": 4000, "height": 4000}, 400, "width"),
     ({"prompt": "x", "aspect_ratio": "10:1"}, 400, "aspect_ratio"),
