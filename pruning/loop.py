@@ -47,7 +47,8 @@ class LoopOutput:
     stats: list[SampleStats]
     summed_codes_BDhw: torch.Tensor
     bits_per_scale: list[torch.Tensor] = field(default_factory=list)
-    """Per scale (B, L, d) uint8: sampled bits where computed, fill bits elsewhere."""
+    """Per scale (B, L, d) uint8: sampled bits where computed, fill bits elsewhere (the previous
+    residual's; with ``fill_mode`` zero those tokens' codes are zero and their bits are not used)."""
     stopped: set[int] = field(default_factory=set)
     """Samples ``stopped()`` named: not finished, not decoded."""
 
