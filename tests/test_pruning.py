@@ -69,11 +69,19 @@ def test_pruning_changes_work_and_output(model):
 
 
 class _Recorded(LDPruning):
-    """LD-Pruning that keeps the conditional logits it observes (those of every computed token)."""
+    """LD-Pruning that keeps the conditional logits it observes (those of every computed token) and
+    the kept tokens of every pruned scale."""
 
     def __init__(self, cfg: PruningConfig) -> None:
         super().__init__(cfg)
         self.cond: list[torch.Tensor] = []
+        self.kept: list[torch.Tensor] = []
+
+    def plan(self, ctx):
+        p = super().plan(ctx)
+        if p.keep_idx_K is not None:
+            self.kept.append(p.keep_idx_K.clone())
+        return p
 
     def observe(self, ctx, obs):
         self.cond.append(obs.cond_logits_KV.clone())
@@ -144,18 +152,10 @@ def test_pruning_one_scale_leaves_the_later_draws_of_the_seed(model):
         agree = (mid.bits_per_scale[si] == base.bits_per_scale[si]).float().mean().item()
         assert agree > 0.9, (si, agree)
 
-    class Spy(LDPruning):
-        def plan(self, ctx):
-            p = super().plan(ctx)
-            if p.keep_idx_K is not None:
-                kept.append(p.keep_idx_K.clone())
-            return p
-
     for i in range(2):
-        kept: list[torch.Tensor] = []
-        last = generate(model, text.select([i]), GRIDS, [params[i]], [Spy(PruningConfig(lhep_last_scales=1,
-                                                                                         sats=False))])
-        (keep_idx_K,) = kept
+        spy = _Recorded(PruningConfig(lhep_last_scales=1, sats=False))
+        last = generate(model, text.select([i]), GRIDS, [params[i]], [spy])
+        (keep_idx_K,) = spy.kept
         assert 0 < len(keep_idx_K) < 256
         agree = (last.bits_per_scale[-1][0][keep_idx_K] == base.bits_per_scale[-1][i][keep_idx_K]).float().mean()
         assert agree > 0.98, agree
@@ -168,21 +168,13 @@ def test_skipped_tokens_add_nothing_by_default_or_the_previous_residual():
     model = random_model(get_preset("tiny-2b"), seed=3)
     assert model.preset.vae_scale == 1 and PruningConfig().fill_mode == "zero"
     text, params = _text(1, seed=6), [SamplingParams(cfg=3.0, tau=0.5, seed=21)]
-    kept: list[torch.Tensor] = []
-
-    class Spy(LDPruning):
-        def plan(self, ctx):
-            p = super().plan(ctx)
-            if p.keep_idx_K is not None:
-                kept.append(p.keep_idx_K.clone())
-            return p
-
-    runs = {mode: generate(model, text, GRIDS, params, [Spy(PruningConfig(lhep_last_scales=1, sats=False,
-                                                                          fill_mode=mode))])
-            for mode in ("zero", "nearest")}
-    assert len(kept) == 2 and torch.equal(kept[0], kept[1]) and 0 < len(kept[0]) < 256
+    spies = {mode: _Recorded(PruningConfig(lhep_last_scales=1, sats=False, fill_mode=mode))
+             for mode in ("zero", "nearest")}
+    runs = {mode: generate(model, text, GRIDS, params, [spy]) for mode, spy in spies.items()}
+    (kept_K,), (kept_nearest_K,) = spies["zero"].kept, spies["nearest"].kept
+    assert torch.equal(kept_K, kept_nearest_K) and 0 < len(kept_K) < 256
     skipped_L = torch.ones(256, dtype=torch.bool)
-    skipped_L[kept[0]] = False
+    skipped_L[kept_K] = False
     diff_DL = (runs["nearest"].summed_codes_BDhw - runs["zero"].summed_codes_BDhw)[0].flatten(1)
     assert torch.equal(runs["nearest"].bits_per_scale[-1], runs["zero"].bits_per_scale[-1])
     assert diff_DL[:, ~skipped_L].abs().max() == 0
