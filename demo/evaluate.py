@@ -59,10 +59,10 @@ def vae_report(vae: BSQVAE, n: int = 64, batch: int = 16, device: str = "cpu") -
 
 def model_report(weights_dir: str | Path, n: int = 64, batch: int = 8, device: str = "cpu",
                  split: str = "heldout", cfg: float | None = None, tau: float | None = None,
-                 start: int = 0) -> dict[str, float]:
+                 start: int = 0, top_p: float | None = None) -> dict[str, float]:
     """Unpruned adherence of the full demo model on ``n`` captions of ``split`` (held-out by default),
-    at the preset's sampling defaults unless ``cfg``/``tau`` are given; captions ``start .. start+n-1``
-    with seed = caption index."""
+    at the preset's sampling defaults unless ``cfg``/``tau``/``top_p`` are given; captions
+    ``start .. start+n-1`` with seed = caption index."""
     from model_loader.sampling import SamplingParams
     from pruning.engine import ImageRequest, grids_for
 
@@ -71,15 +71,16 @@ def model_report(weights_dir: str | Path, n: int = 64, batch: int = 8, device: s
     engine = load_demo_engine(weights_dir, device=device)
     d = DEMO_PRESET.sampling
     cfg, tau = (d.cfg if cfg is None else cfg), (d.tau if tau is None else tau)
+    top_p = d.top_p if top_p is None else top_p
     samples = make_split(n, EVAL_SEED, split, start=start)
     grids = grids_for(1.0, DEMO_PRESET.pn)
     images = []
     for i in range(0, n, batch):
-        reqs = [ImageRequest(s.caption, SamplingParams(cfg=cfg, tau=tau, top_k=d.top_k, top_p=d.top_p,
+        reqs = [ImageRequest(s.caption, SamplingParams(cfg=cfg, tau=tau, top_k=d.top_k, top_p=top_p,
                                                        seed=start + i + j))
                 for j, s in enumerate(samples[i:i + batch])]
         images += [r.image_HW3.cpu().numpy() for r in engine.generate(reqs, grids)]
-    return {"images": n, "start": start, "split": split, "cfg": cfg, "tau": tau,
+    return {"images": n, "start": start, "split": split, "cfg": cfg, "tau": tau, "top_p": top_p,
             **mean_scores(images, [s.attributes for s in samples])}
 
 
@@ -165,13 +166,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--start", type=int, default=0, help="model: first caption index")
     p.add_argument("--cfg", type=float, help="model: guidance scale (default: the preset's)")
     p.add_argument("--tau", type=float, help="model: sampling temperature (default: the preset's)")
+    p.add_argument("--top-p", type=float, help="model: nucleus threshold on bit pairs (default: the preset's)")
     a = p.parse_args(argv)
     if a.what == "vae":
         report = vae_report(load_vae(a.path), a.n, device=a.device)
     elif a.what == "teacher":
         report = teacher_report(a.path, a.n, split=a.split, figure=a.figure)
     else:
-        report = model_report(a.path, a.n, device=a.device, split=a.split, cfg=a.cfg, tau=a.tau, start=a.start)
+        report = model_report(a.path, a.n, device=a.device, split=a.split, cfg=a.cfg, tau=a.tau, start=a.start,
+                              top_p=a.top_p)
     print(json.dumps(report))
 
 
