@@ -20,6 +20,7 @@ least one shape with such a pair (its other shapes are unconstrained).
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -167,9 +168,15 @@ def _polygon_mask(dx: np.ndarray, dy: np.ndarray, verts: np.ndarray) -> np.ndarr
     return inside
 
 
-def shape_mask(shape: str, cx: float, cy: float, r: float) -> np.ndarray:
-    """Bool (256, 256) mask of one shape of half-extent r centred at (cx, cy)."""
-    dx, dy = _XX - cx, _YY - cy
+FULL = (slice(0, IMAGE_SIZE), slice(0, IMAGE_SIZE))
+"""The whole canvas as a (rows, cols) window."""
+
+
+def shape_mask(shape: str, cx: float, cy: float, r: float,
+               window: tuple[slice, slice] = FULL) -> np.ndarray:
+    """Bool mask of one shape of half-extent r centred at (cx, cy) over ``window`` of the canvas
+    (the whole 256 x 256 by default); every shape lies within r of its centre."""
+    dx, dy = _XX[window] - cx, _YY[window] - cy
     if shape == "circle":
         return dx * dx + dy * dy <= r * r
     if shape == "square":
@@ -194,28 +201,40 @@ def _shade(colour: str) -> np.ndarray:
     return np.asarray(PALETTE[colour], np.float32) * 0.65 + 0.35 * 128.0
 
 
-def _texture(texture: str, colour: str, rng: np.random.Generator) -> np.ndarray:
-    """Float (256, 256, 3) fill of a texture over the whole canvas."""
+def _texture(texture: str, colour: str, rng: np.random.Generator,
+             window: tuple[slice, slice] = FULL) -> np.ndarray:
+    """Float (h, w, 3) fill of a texture over ``window`` of the canvas (the pattern is laid on the
+    whole canvas, and the random numbers drawn are the whole canvas's, whatever the window)."""
+    xx, yy = _XX[window], _YY[window]
     base = np.asarray(PALETTE[colour], np.float32)
-    out = np.broadcast_to(base, (IMAGE_SIZE, IMAGE_SIZE, 3)).copy()
+    out = np.broadcast_to(base, (*xx.shape, 3)).copy()
     if texture == "striped":
         period = int(rng.integers(6, 11))
-        alt = ((_XX + _YY).astype(np.int64) // (period // 2)) % 2 == 1 if rng.random() < 0.5 else \
-            (_YY.astype(np.int64) // (period // 2)) % 2 == 1
+        alt = ((xx + yy).astype(np.int64) // (period // 2)) % 2 == 1 if rng.random() < 0.5 else \
+            (yy.astype(np.int64) // (period // 2)) % 2 == 1
         out[alt] = _shade(colour)
     elif texture == "checkered":
         side = int(rng.integers(4, 9))
-        alt = ((_XX.astype(np.int64) // side) + (_YY.astype(np.int64) // side)) % 2 == 1
+        alt = ((xx.astype(np.int64) // side) + (yy.astype(np.int64) // side)) % 2 == 1
         out[alt] = _shade(colour)
     elif texture == "noisy":
-        out += rng.normal(0.0, 22.0, size=out.shape).astype(np.float32)
+        out += rng.normal(0.0, 22.0, size=(IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.float32)[window]
     elif texture != "plain":
         raise ValueError(f"unknown texture {texture!r}")
     return out
 
 
+def _window(cx: float, cy: float, r: float) -> tuple[slice, slice]:
+    """Rows and columns of the canvas whose pixel centres can lie within r of (cx, cy)."""
+    def side(c: float) -> slice:
+        return slice(max(0, math.floor(c - r) - 1), min(IMAGE_SIZE, math.ceil(c + r) + 1))
+    return side(cy), side(cx)
+
+
 def render(scene: SceneSpec, rng: np.random.Generator) -> np.ndarray:
-    """uint8 (256, 256, 3) RGB image of a scene; ``rng`` draws jitter and texture phases."""
+    """uint8 (256, 256, 3) RGB image of a scene; ``rng`` draws jitter and texture phases. Each
+    shape is drawn in its own window of the canvas (the same pixels as over the whole canvas, a
+    tenth of the work)."""
     img = _texture(scene.bg_texture, scene.background, rng)
     for s in scene.shapes:
         row, col = s.cell
@@ -223,8 +242,9 @@ def render(scene: SceneSpec, rng: np.random.Generator) -> np.ndarray:
         slack = CELL / 2 - r - 2  # keep the shape inside its cell
         cx = (col + 0.5) * CELL + rng.uniform(-0.4, 0.4) * slack
         cy = (row + 0.5) * CELL + rng.uniform(-0.4, 0.4) * slack
-        mask = shape_mask(s.shape, cx, cy, r)
-        img[mask] = _texture(s.texture, s.colour, rng)[mask]
+        window = _window(cx, cy, r)
+        mask = shape_mask(s.shape, cx, cy, r, window)
+        img[window][mask] = _texture(s.texture, s.colour, rng, window)[mask]
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
 
