@@ -107,6 +107,9 @@ PRESETS: dict[str, PruningConfig] = {
     "quality": PruningConfig(energy_keep_ratio=0.7, uncond_stop_tol=0.08),
     # the paper's defaults (rho 0.5, delta 0.15): 1.73x on Infinity-2B, 2.35x on 8B at 1024 (H100)
     "balanced": PruningConfig(),
+    # LHEP on the last scale only (rho 0.5), SATS as balanced: the least drift of the pruning presets;
+    # the demo model's default, whose earlier detail scales draw the shapes themselves (model card)
+    "light": PruningConfig(lhep_last_scales=1),
     # fewer kept tokens on four detail scales and an earlier stop: fastest, most drift from unpruned
     "fast": PruningConfig(energy_keep_ratio=0.35, lhep_last_scales=4, uncond_stop_tol=0.3),
 }

@@ -117,7 +117,9 @@ class ServiceSettings(BaseSettings):
     max_body_bytes: int = Field(65_536, ge=1024)
     max_prompt_chars: int = Field(2000, ge=1, le=32_000)
     max_n: int = Field(4, ge=1, le=16)
-    default_pruning: str = "balanced"
+    default_pruning: str | None = None
+    """The pruning preset of requests that name none; unset: the model preset's (``balanced``; the
+    demo's ``light``). Read it as ``pruning_default``."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"
     """``json``: one JSON object per line (ts, level, logger, msg and a record's fields), for log
@@ -173,13 +175,20 @@ class ServiceSettings(BaseSettings):
 
         if self.model_preset not in model_presets:
             raise ValueError(f"model_preset: unknown {self.model_preset!r}; known: {sorted(model_presets)}")
-        if self.default_pruning not in pruning_presets:
-            raise ValueError(f"default_pruning: unknown {self.default_pruning!r}; known: {sorted(pruning_presets)}")
+        if self.pruning_default not in pruning_presets:
+            raise ValueError(f"default_pruning: unknown {self.pruning_default!r}; known: {sorted(pruning_presets)}")
         if (self.transformer_path is None) != (self.vae_path is None):
             raise ValueError("transformer_path and vae_path: give both or neither (random weights)")
         if self.max_batch_size < self.max_n:
             raise ValueError("max_batch_size must be >= max_n (a job's images run in one batch)")
         return self
+
+    @property
+    def pruning_default(self) -> str:
+        """``default_pruning``, or the model preset's when unset."""
+        from model_loader.configs import PRESETS as model_presets
+
+        return self.default_pruning or model_presets[self.model_preset].default_pruning
 
     @property
     def api_key_hashes(self) -> list[str]:

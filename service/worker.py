@@ -207,7 +207,7 @@ class Worker:
         self.engine = self.engine_factory(self.settings)
         warm = self.engine.warmup()
         self.metrics.model_info.labels(model=self.engine.model_name, device=self.settings.device,
-                                       dtype=self.engine.dtype, pruning_default=self.settings.default_pruning,
+                                       dtype=self.engine.dtype, pruning_default=self.settings.pruning_default,
                                        version=__version__).set(1)
         self.ready = True
         self._beat()

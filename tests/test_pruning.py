@@ -314,6 +314,8 @@ def test_presets_and_scale_sets():
     assert bal.lhep_set(13) == {10, 11, 12} and bal.sats_set(13) == {9, 10, 11, 12}
     assert bal.lhep_set(10) == {7, 8, 9} and bal.sats_set(10) == {6, 7, 8, 9}
     assert not pruning_config("off").enabled
+    light = pruning_config("light")
+    assert light.energy_keep_ratio == 0.5 and light.lhep_set(7) == {6} and light.sats_set(7) == bal.sats_set(7)
 
 
 def test_padded_layout_equals_packed(model):

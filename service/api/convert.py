@@ -32,11 +32,11 @@ def _check_limits(prompt: str, negative: str | None, n: int, s: ServiceSettings)
 def resolve_pruning(value: str | PruningOptions | None, s: ServiceSettings) -> tuple[dict[str, Any] | None, str]:
     """(full PruningConfig dict or None for off, label); ApiError(400, param=pruning...) if invalid."""
     if value is None:
-        value = s.default_pruning
+        value = s.pruning_default
     if isinstance(value, str):
         preset, overrides, label = value, {}, value
     else:
-        preset = value.preset or s.default_pruning
+        preset = value.preset or s.pruning_default
         overrides = value.model_dump(exclude_none=True, exclude={"preset"})
         label = preset if not overrides else "custom"
     try:

@@ -16,7 +16,7 @@ class PruningOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    preset: str | None = Field(None, description="off | quality | balanced | fast", max_length=32)
+    preset: str | None = Field(None, description="off | light | quality | balanced | fast", max_length=32)
     energy_keep_ratio: float | None = Field(None, gt=0, le=1, description="rho: high-frequency energy to keep")
     uncond_stop_tol: float | None = Field(None, ge=0, le=10, description="delta: SATS stop tolerance")
     lhep: bool | None = Field(None, description="Enable latent high-frequency energy pruning")

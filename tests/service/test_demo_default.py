@@ -38,7 +38,7 @@ def test_default_model_is_the_trained_demo(demo_serve) -> None:  # noqa: ANN001
                        json={"prompt": f"a large red circle at the center on a {bg} background", "seed": 100 + i})
         assert r.status_code == 200, r.text
         body = r.json()
-        assert (body["width"], body["height"]) == (128, 128)
+        assert (body["width"], body["height"]) == (128, 128) and body["pruning"] == "light"  # the demo's default
         img = np.asarray(Image.open(io.BytesIO(base64.b64decode(body["data"][0]["b64_json"]))).convert("RGB"))
         right.append(COLOURS[np.bincount(palette_labels(img).ravel(), minlength=len(COLOURS)).argmax()] == bg)
     assert sum(right) >= 5, right

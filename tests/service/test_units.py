@@ -87,6 +87,10 @@ def test_settings_fail_fast(monkeypatch: pytest.MonkeyPatch) -> None:
             ServiceSettings(**bad)  # type: ignore[arg-type]
     assert ServiceSettings(public_base_url="https://x.example/").public_base_url == "https://x.example"
     assert ServiceSettings(model_aliases=" dall-e-3,gpt-image-1,dall-e-3").model_aliases == ["dall-e-3", "gpt-image-1"]
+    # pruning of requests that name none: the model preset's unless set
+    assert ServiceSettings(model_preset="demo").pruning_default == "light"
+    assert ServiceSettings(model_preset="tiny-2b").pruning_default == "balanced"
+    assert ServiceSettings(model_preset="demo", default_pruning="fast").pruning_default == "fast"
 
 
 def test_file_link_signature_covers_job_file_and_expiry() -> None:
