@@ -108,31 +108,47 @@ PSNR_AXIS_MAX_DB = 40.0  # near-lossless policies (SATS-only) sit at the top edg
 
 
 def chart(rows: list[dict], path: Path) -> None:
-    """Speedup (x) against PSNR (y), one labelled point per policy (Pillow only)."""
-    W, H, m = 900, 600, 70
+    """Speedup (x) against PSNR (y) per policy (Pillow only): a filled dot at the wall speedup, a
+    ring at the ideal (FLOP) one, joined; points numbered, the numbers explained in a legend with
+    the row's values (labels next to the points overlapped where policies crowd)."""
+    W, H, m, legend_w = 1240, 640, 70, 420
     pts = [r for r in rows if r["policy"] != "unpruned" and np.isfinite(r["psnr_db"])]
-    xs, ys = [r["speedup"] for r in pts], [r["psnr_db"] for r in pts]
+    xs = [r["speedup"] for r in pts] + [r["ideal_speedup"] for r in pts]
+    ys = [r["psnr_db"] for r in pts]
     x0, x1 = 0.9, max(xs + [2.0]) * 1.05
     y0, y1 = min(ys + [20.0]) - 1, min(max(ys + [30.0]) + 1, PSNR_AXIS_MAX_DB)
     img = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(img)
-    d.rectangle([m, m // 2, W - m // 2, H - m], outline="black")
+    right = W - legend_w
+    d.rectangle([m, m // 2, right, H - m], outline="black")
 
     def px(x: float, y: float) -> tuple[float, float]:
-        return m + (x - x0) / (x1 - x0) * (W - 1.5 * m), H - m - (y - y0) / (y1 - y0) * (H - 1.5 * m)
+        return m + (x - x0) / (x1 - x0) * (right - m), H - m - (y - y0) / (y1 - y0) * (H - 1.5 * m)
 
     for t in np.linspace(x0, x1, 6):
         d.text((px(t, y0)[0] - 10, H - m + 8), f"{t:.2f}x", fill="black")
     for t in np.linspace(y0, y1, 6):
         d.text((8, px(x0, t)[1] - 6), f"{t:.1f} dB", fill="black")
-    d.text((W // 2 - 60, H - 25), "wall speedup (CPU)", fill="black")
+    d.text((m + 120, H - 25), "speedup over unpruned: dot = wall (this CPU), ring = ideal (FLOPs)", fill="black")
     d.text((m, 8), "PSNR vs unpruned (demo model, held-out prompts)", fill="black")
+    d.text((right + 16, m // 2), "#  policy: wall / ideal speedup, PSNR, adherence", fill="black")
     colours = {"ld": "red", "lhep": "orange", "sats": "purple", "fastvar": "blue", "skipvar": "green"}
-    for r, x, y in zip(pts, xs, ys, strict=True):
+    for i, r in enumerate(pts, 1):
         c = next((v for k, v in colours.items() if r["policy"].startswith(k)), "gray")
-        cx, cy = px(x, min(y, y1))
-        d.ellipse([cx - 5, cy - 5, cx + 5, cy + 5], fill=c)
-        d.text((cx + 7, cy - 7), r["policy"] + (f" ({y:.1f} dB, off the axis)" if y > y1 else ""), fill=c)
+        y = r["psnr_db"]
+        (wx, wy), (ix, iy) = px(r["speedup"], min(y, y1)), px(r["ideal_speedup"], min(y, y1))
+        d.line([wx, wy, ix, iy], fill=c)
+        d.ellipse([ix - 5, iy - 5, ix + 5, iy + 5], outline=c, width=2)
+        d.ellipse([wx - 5, wy - 5, wx + 5, wy + 5], fill=c)
+        d.text((wx - 4, wy - 19), str(i), fill=c)
+        off = " (off the axis)" if y > y1 else ""
+        d.text((right + 16, m // 2 + 8 + 18 * i),
+               f"{i:>2}  {r['policy']}: {r['speedup']:.2f}x / {r['ideal_speedup']:.2f}x, {y:.1f} dB{off}, "
+               f"{r['adherence']:.3f}", fill=c)
+    unpruned = next((r for r in rows if r["policy"] == "unpruned"), None)
+    if unpruned is not None:
+        d.text((right + 16, m // 2 + 8 + 18 * (len(pts) + 2)), f"unpruned adherence {unpruned['adherence']:.3f}",
+               fill="black")
     img.save(path)
 
 
