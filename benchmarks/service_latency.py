@@ -166,7 +166,8 @@ def sequential(url: str, n: int, lean: bool) -> tuple[list[float], list[float], 
     for e2e, _, st in runs:  # where the added time goes, from the server's own clocks
         st = dict(st)
         st["http"] = e2e * 1e3 - st.get("app", 0.0)  # client, uvicorn, routing, validation, JSON
-        st["notify"] = st.get("wait", 0.0) - st.get("infer", 0.0) - st.get("worker", 0.0)  # stream wake + pub/sub
+        # stream wake-up, the worker's store (FINISH: worker_s ends before it), pub/sub or hand-over
+        st["notify"] = st.get("wait", 0.0) - st.get("infer", 0.0) - st.get("worker", 0.0)
         phases.append(st)
     return [e for e, _, _ in runs], [e - i for e, i, _ in runs], phases
 
