@@ -18,17 +18,31 @@ from . import generation, jobs  # noqa: F401  (their routes register on the rout
 from .deps import MetricsDep, QueueDep, SettingsDep, check_bearer
 from .errors import ApiError
 from .routing import protected, public
-from .schemas import ModelList
+from .schemas import ModelCard, ModelList
 
 __all__ = ["protected", "public"]
 log = logging.getLogger(__name__)
 
+def _model_cards(request: Request, settings: SettingsDep) -> list[dict[str, Any]]:
+    created = int(request.app.state.started_at)
+    return [{"id": name, "object": "model", "created": created, "owned_by": "ldserve"}
+            for name in (settings.model_preset, *settings.model_aliases)]
+
+
 @protected.get("/v1/models", response_model=ModelList, tags=["models"])
 async def list_models(request: Request, settings: SettingsDep) -> Any:
     """The served model and its aliases (``LDSERVE_MODEL_ALIASES``), OpenAI list shape."""
-    created = int(request.app.state.started_at)
-    return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "ldserve"}
-                                       for name in (settings.model_preset, *settings.model_aliases)]}
+    return {"object": "list", "data": _model_cards(request, settings)}
+
+
+@protected.get("/v1/models/{model_id:path}", response_model=ModelCard, tags=["models"],
+               responses={404: {"description": "not a name of the served model"}})
+async def retrieve_model(model_id: str, request: Request, settings: SettingsDep) -> Any:
+    """One served model name (OpenAI ``models.retrieve``)."""
+    for card in _model_cards(request, settings):
+        if card["id"] == model_id:
+            return card
+    raise ApiError(404, f"model {model_id!r} is not served here", param="model", code="model_not_found")
 
 
 PLAYGROUND = Path(__file__).with_name("playground.html")

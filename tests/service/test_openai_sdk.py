@@ -46,6 +46,10 @@ def image(b64: str) -> Image.Image:
 
 def test_generate_with_extensions_and_usage(client: openai.OpenAI) -> None:
     assert [m.id for m in client.models.list()] == ["tiny-2b", "dall-e-3", "gpt-image-1"]
+    assert client.models.retrieve("gpt-image-1").id == "gpt-image-1"
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.models.retrieve("dall-e-2")
+    assert missing.value.code == "model_not_found"
     prompt, negative = "a red fox in the snow at dawn", "blurry"
     r = client.images.generate(prompt=prompt, model="gpt-image-1", size="256x256", n=2, output_format="webp",
                                extra_body={"seed": 11, "negative_prompt": negative, "pruning": "fast"})
