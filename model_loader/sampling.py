@@ -91,8 +91,7 @@ def sample_kept_bits_(logits_KdV: torch.Tensor, keep_idx_K: torch.Tensor, length
     would then differ from the unpruned one of its seed by a new draw, not by what pruning changed.)
     ``K == 0``: the generator still advances as the unpruned scale's draw.
     """
-    k, d, v = logits_KdV.shape
+    _, d, v = logits_KdV.shape
     full_LdV = logits_KdV.new_zeros(length, d, v)
-    if k:
-        full_LdV[keep_idx_K] = logits_KdV
+    full_LdV[keep_idx_K] = logits_KdV
     return sample_bits_(full_LdV, top_k, top_p, generator)[keep_idx_K]

@@ -324,7 +324,7 @@ def _sample_scale(model, si, grid, rows: _Rows, plans: list[ScalePlan], logits_N
             codes = bits_to_codes(vae_bits[None])[0]
             if plan.zero_fill:
                 mask = torch.zeros(length, dtype=torch.bool, device=dev)
-                mask[plan.keep_idx_K.to(dev)] = True
+                mask[keep_idx_K] = True
                 m = tokens_to_vae_bits(mask[None, :, None].expand(1, length, vs * vs), grid, preset.spatial_patchify)
                 codes = codes * m[0, ..., 0].to(codes.dtype)
         history[s].append(codes)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -111,13 +112,23 @@ def up(url: str) -> bool:
         return False
 
 
+@contextlib.contextmanager
+def serving(command: str, env: dict[str, str], tmp: Path, timeout: float = 120) -> Iterator[Proc]:
+    """`ldserve serve` or `ldserve api` on a free loopback port, yielded once it answers (serve:
+    ready, with a warm worker; api: live), stopped afterwards (also when it never answered)."""
+    p = start(command, env, tmp, port=free_port())
+    probe, what = (ready, "ready") if command == "serve" else (up, "up")
+    try:
+        wait_for(lambda: probe(p.url), timeout, f"{command} {what}", p)
+        yield p
+    finally:
+        p.stop()
+
+
 @pytest.fixture(scope="module")
 def serve(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proc]:
     """`ldserve serve` (API + worker in one process) with an API key, on a free loopback port."""
-    port = free_port()
     env = base_env(redis_url, f"e2e{uuid.uuid4().hex[:6]}", api_keys=API_KEY, max_batch_size=4, max_queue_len=32,
                    sync_timeout_s=60)
-    p = start("serve", env, tmp_path_factory.mktemp("serve"), port=port)
-    wait_for(lambda: ready(p.url), 120, "serve ready", p)
-    yield p
-    p.stop()
+    with serving("serve", env, tmp_path_factory.mktemp("serve")) as p:
+        yield p

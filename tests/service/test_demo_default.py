@@ -15,17 +15,15 @@ from PIL import Image
 from demo.checker import palette_labels
 from demo.dataset import BG_COLOURS, COLOURS
 
-from .conftest import base_env, free_port, ready, start, wait_for
+from .conftest import base_env, serving
 
 
 @pytest.fixture(scope="module")
 def demo_serve(redis_url: str, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
     env = base_env(redis_url, f"demo{uuid.uuid4().hex[:6]}", max_batch_size=4)
     del env["LDSERVE_MODEL_PRESET"]  # the embedded default
-    p = start("serve", env, tmp_path_factory.mktemp("demo"), port=free_port())
-    wait_for(lambda: ready(p.url), 180, "serve ready", p)
-    yield p
-    p.stop()
+    with serving("serve", env, tmp_path_factory.mktemp("demo"), timeout=180) as p:
+        yield p
 
 
 def test_default_model_is_the_trained_demo(demo_serve) -> None:  # noqa: ANN001

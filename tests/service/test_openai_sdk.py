@@ -15,7 +15,7 @@ from transformers import AutoTokenizer
 
 from model_loader.text_encoder import ensure_tiny_t5
 
-from .conftest import API_KEY, Proc, base_env, free_port, ready, start, wait_for
+from .conftest import API_KEY, Proc, base_env, serving
 
 
 @pytest.fixture(scope="module")
@@ -23,10 +23,8 @@ def serve(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     """`ldserve serve` with an API key and OpenAI's model names as aliases of the served model."""
     env = base_env(redis_url, f"sdk{uuid.uuid4().hex[:6]}", api_keys=API_KEY, max_batch_size=4,
                    model_aliases="dall-e-3,gpt-image-1")
-    p = start("serve", env, tmp_path_factory.mktemp("sdk"), port=free_port())
-    wait_for(lambda: ready(p.url), 120, "serve ready", p)
-    yield p
-    p.stop()
+    with serving("serve", env, tmp_path_factory.mktemp("sdk")) as p:
+        yield p
 
 
 @pytest.fixture(scope="module")

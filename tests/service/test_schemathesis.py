@@ -15,16 +15,14 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 
-from .conftest import AUTH, Proc, base_env, free_port, start, up, wait_for
+from .conftest import AUTH, Proc, base_env, serving
 
 
 @pytest.fixture(scope="module")
 def api(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proc]:
     env = base_env(redis_url, f"st{uuid.uuid4().hex[:6]}", api_keys=AUTH["Authorization"][7:], max_queue_len=100_000)
-    p = start("api", env, tmp_path_factory.mktemp("st"), port=free_port())
-    wait_for(lambda: up(p.url), 30, "api up", p)
-    yield p
-    p.stop()
+    with serving("api", env, tmp_path_factory.mktemp("st"), timeout=30) as p:
+        yield p
 
 
 @pytest.fixture(scope="module")
