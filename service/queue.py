@@ -107,10 +107,12 @@ class JobQueue:
         self._drop_images = client.register_script(DROP_IMAGES)
         self._url_key: bytes | None = None
 
-    async def enqueue(self, spec: JobSpec, *, timeout_s: float | None, idempotency_key: str | None) -> tuple[str, bool]:
-        """Returns (job_id, created). Raises QueueFull or IdempotencyMismatch."""
+    async def enqueue(self, spec: JobSpec, *, timeout_s: float | None, idempotency_key: str | None,
+                      drawn_seeds: bool = False) -> tuple[str, bool]:
+        """Returns (job_id, created). Raises QueueFull or IdempotencyMismatch. ``drawn_seeds``: the
+        spec's seeds were drawn by the server (``JobSpec.payload_hash``)."""
         job_id = uuid.uuid4().hex
-        phash = spec.payload_hash()
+        phash = spec.payload_hash(drawn_seeds=drawn_seeds)
         idem = self.keys.idem(idempotency_key) if idempotency_key else self.keys.job("none")
         timeout_ms = int(timeout_s * 1000) if timeout_s else 0
         args = [self.max_len, max(1000, 10 * self.max_len), job_id, spec.model_dump_json(), timeout_ms,

@@ -51,9 +51,14 @@ class JobSpec(BaseModel):
         """Jobs with equal keys share one scale schedule and can run in one batch."""
         return (self.pn, self.h_div_w)
 
-    def payload_hash(self) -> str:
-        """Idempotency fingerprint of what the client asked for."""
-        return hashlib.sha256(json.dumps(self.model_dump(), sort_keys=True).encode()).hexdigest()[:32]
+    def payload_hash(self, *, drawn_seeds: bool = False) -> str:
+        """Idempotency fingerprint of what the client asked for. ``drawn_seeds``: the server drew
+        the seeds (the request had none), so they are not part of it: a retry of the same request
+        draws others, and must still find the first job (which keeps the seeds it drew)."""
+        doc = self.model_dump()
+        if drawn_seeds:
+            doc["seeds"] = len(self.seeds)
+        return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:32]
 
 
 def preview_scales(grids: tuple[tuple[int, int], ...] | list[tuple[int, int]], k: int) -> list[int]:

@@ -44,7 +44,7 @@ async def generate(body: GenerateRequest, request: Request, settings: SettingsDe
     if "text/event-stream" in (accept or "").lower() and "respond-async" not in (prefer or "").lower():
         job, job_id, wait_s = await submit(spec, prefer=prefer, idem=idem, cancel_after=cancel_after,
                                             settings=settings, queue=queue, notifier=notifier, metrics=metrics,
-                                            timing=timing, stream=True)
+                                            timing=timing, stream=True, drawn_seeds=body.seed is None)
         if job is None:
             raise ApiError(404, f"job {job_id} no longer exists", code="job_not_found")
         return event_response(native_events(job, settings, queue, metrics, deadline=time.monotonic() + wait_s,
@@ -56,7 +56,7 @@ async def generate(body: GenerateRequest, request: Request, settings: SettingsDe
     files = ResponseFiles(spec, raw_fmt or spec.output_format, settings.png, metrics)
     job, job_id, _ = await submit(spec, prefer=prefer, idem=idem, cancel_after=cancel_after, settings=settings,
                                    queue=queue, notifier=notifier, metrics=metrics, timing=timing,
-                                   receive=request.receive, files=files)
+                                   receive=request.receive, files=files, drawn_seeds=body.seed is None)
     if "respond-async" in (prefer or "").lower():
         return await async_response(job, job_id, settings.png, queue, metrics)
     job = raise_for(job, job_id)
@@ -83,7 +83,8 @@ async def images_generations(body: OpenAIImageRequest, request: Request, setting
     job, job_id, wait_s = await submit(spec, prefer=prefer, idem=idem, cancel_after=cancel_after,
                                         settings=settings, queue=queue, notifier=notifier, metrics=metrics,
                                         timing=timing, receive=request.receive, stream=stream,
-                                        files=None if body.response_format == "url" else files)
+                                        files=None if body.response_format == "url" else files,
+                                        drawn_seeds=body.seed is None)
     if stream:
         if job is None:
             raise ApiError(404, f"job {job_id} no longer exists", code="job_not_found")

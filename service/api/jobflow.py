@@ -128,19 +128,23 @@ async def _wait_unless_gone(waiting: Awaitable[Job | None], receive: Receive | N
 async def submit(spec: JobSpec, *, prefer: str | None, idem: str | None, cancel_after: str | None,
                   settings: SettingsDep, queue: QueueDep, notifier: NotifierDep,
                   metrics: MetricsDep, timing: Timing, receive: Receive | None = None,
-                  stream: bool = False, files: ResponseFiles | None = None) -> tuple[Job | None, str, float]:
+                  stream: bool = False, files: ResponseFiles | None = None,
+                  drawn_seeds: bool = False) -> tuple[Job | None, str, float]:
     """Admit the job; for a synchronous request wait for it (``files``: to encode its images ahead
     when the in-process worker hands them over). A synchronous client that disconnects
     first (closed tab, client timeout before an SDK retry) cancels its job, so the GPU does not run
     work nobody will read: unless it sent an Idempotency-Key, whose retry attaches to the same job.
-    ``stream``: admitted with the synchronous deadline, not waited for (the caller streams it)."""
+    ``stream``: admitted with the synchronous deadline, not waited for (the caller streams it).
+    ``drawn_seeds``: the request had no seed (the server drew them), so a retry with the same
+    Idempotency-Key matches without one and gets the first job's seeds."""
     is_async = "respond-async" in (prefer or "").lower()
     deadline = _duration(cancel_after)
     wait_s = settings.sync_timeout_s if deadline is None else min(deadline, settings.sync_timeout_s)
     timeout = deadline if is_async and not stream else wait_s
     try:
         t = time.perf_counter()
-        job_id, _created = await queue.enqueue(spec, timeout_s=timeout, idempotency_key=idem)
+        job_id, _created = await queue.enqueue(spec, timeout_s=timeout, idempotency_key=idem,
+                                                  drawn_seeds=drawn_seeds)
         t = timing.add("enqueue", t)
     except QueueFull as e:
         raise ApiError(429, f"the queue is full ({e.depth} jobs); retry later", code="queue_full",

@@ -206,6 +206,27 @@ def test_idempotency(serve: Proc) -> None:
     assert sync.status_code == 200 and sync.json()["id"] == a.json()["id"]
 
 
+def test_idempotency_without_seed(serve: Proc) -> None:
+    """A request without a seed gets seeds drawn by the server; its retry (which would draw others)
+    is the same request and gets the first job with the first job's seeds, on both routes; the
+    same key with a seed the first request did not send is another request."""
+    body = {"prompt": "idem unseeded", "n": 2}
+    h = {"Idempotency-Key": "k-unseeded", "Prefer": "respond-async"}
+    a, b = post(serve, "/generate", body, h), post(serve, "/generate", body, h)
+    assert a.status_code == b.status_code == 202 and a.json()["id"] == b.json()["id"]
+    sync = post(serve, "/generate", body, {"Idempotency-Key": "k-unseeded"})
+    assert sync.status_code == 200 and sync.json()["id"] == a.json()["id"]
+    assert sync.json()["seeds"] == a.json()["seeds"]
+    seed = post(serve, "/generate", {**body, "seed": a.json()["seeds"][0]}, h)
+    assert seed.status_code == 422 and seed.json()["error"]["code"] == "idempotency_key_reused"
+    oa = {"prompt": "idem unseeded", "response_format": "b64_json"}
+    first = post(serve, "/v1/images/generations", oa, {"Idempotency-Key": "k-unseeded-oa"})
+    again = post(serve, "/v1/images/generations", oa, {"Idempotency-Key": "k-unseeded-oa"})
+    assert first.status_code == again.status_code == 200
+    assert first.headers["x-job-id"] == again.headers["x-job-id"]
+    assert first.json()["data"][0]["seed"] == again.json()["data"][0]["seed"]
+
+
 BAD = [
     ({"prompt": ""}, 422, "prompt"),
     ({"prompt": "x", "n": 0}, 422, "n"),
