@@ -50,6 +50,21 @@ def _uvicorn_config(app: Any, s: ServiceSettings) -> uvicorn.Config:
                           timeout_graceful_shutdown=int(s.sync_timeout_s) + 5)
 
 
+def _drain_then_exit_on_signals() -> None:
+    """uvicorn restores the signal handlers it found when it has shut down, then raises the signal
+    that stopped it once more: with the default SIGTERM handler that killed ``ldserve serve`` before
+    its worker drained and its embedded redis-server stopped (left running, orphaned). Found as
+    no-ops, that signal does nothing; a signal during the drain after it ends the process, through
+    ``finally`` (the embedded Redis still stops)."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+
+
+def _exit_on_signal(sig: int, _frame: Any) -> None:
+    log.warning("signal %d during the drain: exiting without waiting for the batch", sig)
+    raise SystemExit(128 + sig)
+
+
 def serve(s: ServiceSettings) -> None:
     from .embedded_redis import EmbeddedRedis
     from .main import create_app
@@ -70,7 +85,11 @@ def serve(s: ServiceSettings) -> None:
         thread.start()
         app = create_app(s, metrics=api_metrics, local_results=local)
         server = _Server(_uvicorn_config(app, s), on_exit=lambda: setattr(app.state, "draining", True))
+        _drain_then_exit_on_signals()
         server.run()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, _exit_on_signal)
+        log.info("API stopped; the worker finishes its batch")
         worker.stop()
         thread.join()
     finally:

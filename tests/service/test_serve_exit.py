@@ -1,0 +1,79 @@
+"""`ldserve serve` on its embedded Redis ends cleanly: SIGTERM answers the request in flight, drains
+the worker and stops the redis-server it started; a SIGKILL leaves no redis-server behind either."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from .conftest import Proc, base_env, free_port, ready, start, wait_for
+
+
+def _embedded(p: Proc) -> tuple[int, Path]:
+    """The embedded redis-server's pid and socket directory, from the server's log."""
+    m = re.search(r"embedded redis-server at unix://(\S+)/redis\.sock\?db=0 \(pid (\d+)\)", p.log.read_text())
+    assert m, p.logs()
+    return int(m.group(2)), Path(m.group(1))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie (not reaped yet) counts as gone
+    return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+
+
+def _serve_embedded(tmp: Path) -> tuple[Proc, int, Path]:
+    env = base_env("unused", "exit")
+    del env["LDSERVE_REDIS_URL"]  # ldserve serve starts its own
+    p = start("serve", env, tmp, port=free_port())
+    wait_for(lambda: ready(p.url), 120, "serve ready", p)
+    pid, sock_dir = _embedded(p)
+    assert _alive(pid) and sock_dir.is_dir()
+    return p, pid, sock_dir
+
+
+def test_sigterm_answers_the_request_in_flight_and_stops_the_embedded_redis(tmp_path: Path) -> None:
+    p, pid, sock_dir = _serve_embedded(tmp_path)
+    try:
+        got: dict[str, httpx.Response] = {}
+        client = threading.Thread(target=lambda: got.setdefault("r", httpx.post(
+            f"{p.url}/generate", json={"prompt": "in flight", "resolution": 512, "n": 2}, timeout=120)))
+        client.start()
+        wait_for(lambda: _in_flight(p) > 0, 60, "the job on the worker", p, interval=0.02)
+        p.signal(signal.SIGTERM)
+        client.join(120)
+        assert got["r"].status_code == 200, got["r"].text
+        assert len(got["r"].json()["data"]) == 2
+        assert p.proc.wait(60) == 0, p.logs()
+        assert "the worker finishes its batch" in p.logs()
+        wait_for(lambda: not _alive(pid), 10, "the embedded redis-server to stop")
+        assert not sock_dir.exists()
+    finally:
+        p.stop()
+
+
+def _in_flight(p: Proc) -> float:
+    text = httpx.get(f"{p.url}/metrics", timeout=5).text
+    m = re.search(r"^ldserve_requests_in_flight (\S+)$", text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux (PR_SET_PDEATHSIG)")
+def test_sigkill_leaves_no_redis_server(tmp_path: Path) -> None:
+    p, pid, _ = _serve_embedded(tmp_path)
+    p.signal(signal.SIGKILL)
+    p.proc.wait(10)
+    deadline = time.monotonic() + 10
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(pid)
