@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import signal
 import sys
 import threading
@@ -47,7 +48,7 @@ def _settings(args: argparse.Namespace) -> ServiceSettings:
 
 def _uvicorn_config(app: Any, s: ServiceSettings) -> uvicorn.Config:
     return uvicorn.Config(app, host=s.host, port=s.port, log_level=s.log_level, access_log=False, log_config=None,
-                          timeout_graceful_shutdown=int(s.sync_timeout_s) + 5)
+                          timeout_graceful_shutdown=math.ceil(s.drain_timeout_s or s.sync_timeout_s + 5))
 
 
 def _drain_then_exit_on_signals() -> None:
@@ -107,18 +108,18 @@ def api(s: ServiceSettings) -> None:
 
 
 def worker(s: ServiceSettings) -> None:
-    from prometheus_client import start_http_server
-
     from .metrics import WorkerMetrics
     from .worker import Worker, worker_client
+    from .worker_http import start_worker_http
 
     if s.redis_url is None:
         sys.exit("ldserve worker: set LDSERVE_REDIS_URL")
     registry = CollectorRegistry()
     w = Worker(s, worker_client(s), WorkerMetrics(registry))
     if s.worker_metrics_port:
-        start_http_server(s.worker_metrics_port, addr=s.host, registry=registry)
-        log.info("worker metrics on http://%s:%d/metrics", s.host, s.worker_metrics_port)
+        start_worker_http(s.host, s.worker_metrics_port, registry, lambda: w.ready and not w.draining, w.alive)
+        log.info("worker metrics and probes on http://%s:%d (/metrics, /health/ready, /health/live)", s.host,
+                 s.worker_metrics_port)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: w.stop())
     w.run()

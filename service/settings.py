@@ -89,11 +89,21 @@ class ServiceSettings(BaseSettings):
     block_ms: int = Field(200, ge=10, le=10_000)
     calibrate_realized_speedup: bool = True
     worker_metrics_port: int = Field(9101, ge=0, le=65535)
+    """``ldserve worker``'s HTTP port (0: none): ``/metrics``, ``/health/ready`` (200 once the model
+    is loaded and warm, 503 before and while draining), ``/health/live`` (503 once the worker's
+    loop has made no progress for ``worker_stall_s``)."""
+    worker_stall_s: float = Field(600.0, gt=0, le=86_400)
+    """A ready worker whose loop (a read from the queue, a scale of a batch) has not moved for this
+    long counts as hung: its ``/health/live`` answers 503, so an orchestrator restarts it."""
 
     # API
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     sync_timeout_s: float = Field(120.0, gt=0, le=3600)
+    drain_timeout_s: float | None = Field(None, gt=0, le=3600)
+    """After SIGTERM, how long the API keeps serving the requests it holds (readiness 503 at once),
+    then closes them. Unset: ``sync_timeout_s`` + 5, so every synchronous request can end; set it
+    below the orchestrator's grace period minus its preStop (the Kubernetes manifests: 45)."""
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
     """Comma-separated bearer keys; only their SHA-256 hashes are kept (see api_key_hashes)."""
     protect_metrics: bool = True

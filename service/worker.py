@@ -158,6 +158,17 @@ class Worker:
         self.cancel_watch = CancelWatch(client, self.queue.keys.events)
         self.s_per_image = 1.0
         self._last_recover = 0.0
+        self.progress_at = time.monotonic()
+        """When the loop last moved (a step began, a scale of a batch ended): ``alive``."""
+
+    @property
+    def draining(self) -> bool:
+        return self._stop.is_set()
+
+    def alive(self) -> bool:
+        """False once a ready worker's loop has not moved for ``worker_stall_s`` (hung: a stuck
+        device call, a deadlock); loading the model does not count (startup probes cover it)."""
+        return not self.ready or time.monotonic() - self.progress_at < self.settings.worker_stall_s
 
     def stop(self) -> None:
         """Stop claiming; the current batch and held jobs still finish."""
@@ -232,6 +243,7 @@ class Worker:
     # ---- claiming --------------------------------------------------------------------------
     def step(self) -> None:
         s = self.settings
+        self.progress_at = time.monotonic()
         self._recover()
         now = time.monotonic()
         if should_dispatch(self.held, max_images=s.max_batch_size, max_wait_s=s.max_batch_wait_ms / 1000, now=now):
@@ -299,7 +311,7 @@ class Worker:
         try:
             assert self.engine is not None
             try:
-                out = self.engine.generate([h.spec for h in live], events, ended=self.cancel_watch.ended_of(live))
+                out = self.engine.generate([h.spec for h in live], events, ended=self._scale_done(live))
             finally:  # before any job of the batch ends: its end entry follows its last progress
                 self.metrics.in_flight.set(0)
                 self.events.flush()
@@ -324,6 +336,17 @@ class Worker:
             live, out = [live[j] for j in keep], replace(out, images=[out.images[j] for j in keep])
         self._store(live, out)
         self._observe_batch(live, out)
+
+    def _scale_done(self, live: list[Held]) -> Callable[[], set[int]]:
+        """The engine's question after every scale (which jobs were canceled), which also marks the
+        loop as moving."""
+        ended = self.cancel_watch.ended_of(live)
+
+        def asked() -> set[int]:
+            self.progress_at = time.monotonic()
+            return ended()
+
+        return asked
 
     def _ack_canceled(self, held: list[Held]) -> None:
         """Jobs canceled while they ran: FINISH stores nothing (they have ended) and acks them."""

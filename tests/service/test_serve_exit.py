@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .conftest import Proc, base_env, free_port, ready, start, wait_for
+from .conftest import Proc, base_env, free_port, ready, start, up, wait_for
 
 
 def _embedded(p: Proc) -> tuple[int, Path]:
@@ -77,3 +77,38 @@ def test_sigkill_leaves_no_redis_server(tmp_path: Path) -> None:
     while _alive(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not _alive(pid)
+
+
+def test_api_drain_ends_at_drain_timeout(redis_url: str, tmp_path: Path) -> None:
+    """`ldserve api` after SIGTERM holds a waiting synchronous request for DRAIN_TIMEOUT_S, not for the
+    synchronous deadline (120 s here): the Kubernetes grace period is sized on it."""
+    env = base_env(redis_url, f"drain{os.getpid()}", drain_timeout_s=2, sync_timeout_s=120)
+    p = start("api", env, tmp_path, port=free_port())
+    try:
+        wait_for(lambda: up(p.url), 30, "api up", p)
+        got: dict[str, object] = {}
+
+        def wait_on_no_worker() -> None:
+            try:
+                got["r"] = httpx.post(f"{p.url}/generate", json={"prompt": "nobody runs this"}, timeout=60)
+            except httpx.HTTPError as e:
+                got["r"] = e
+
+        client = threading.Thread(target=wait_on_no_worker)
+        client.start()
+        wait_for(lambda: "queued" in _queue_text(p), 10, "the request's job queued")
+        t0 = time.monotonic()
+        p.signal(signal.SIGTERM)
+        p.proc.wait(30)
+        took = time.monotonic() - t0
+        client.join(30)
+        assert 1.5 <= took < 10, (took, p.logs())
+        assert isinstance(got["r"], httpx.HTTPError) or got["r"].status_code >= 500  # cut, not answered 200
+    finally:
+        p.stop()
+
+
+def _queue_text(p: Proc) -> str:
+    m = re.search(r'^ldserve_queue_depth\{state="waiting"\} (\S+)$', httpx.get(f"{p.url}/metrics", timeout=5).text,
+                  re.M)
+    return "queued" if m and float(m.group(1)) >= 1 else ""

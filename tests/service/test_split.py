@@ -89,6 +89,8 @@ def test_deadline_expiry_before_the_gpu(split: dict, rclient: redis.Redis) -> No
     assert rclient.xlen(f"{split['prefix']}:jobs") == 0  # canceled + expired entries acked and deleted
     wm = httpx.get(f"http://127.0.0.1:{w.port}/metrics").text
     assert metric(wm, 'ldserve_jobs_total{status="expired"}') == 1
+    for probe in ("ready", "live"):  # the probes the manifests use (tests/service/test_worker_http.py)
+        assert httpx.get(f"http://127.0.0.1:{w.port}/health/{probe}").json() == {"status": "ok"}
     assert metric(wm, "ldserve_batch_size_count") == 0  # nothing reached the GPU
     r = httpx.post(f"{api.url}/generate", json={"prompt": "sync in split mode"}, timeout=120)
     assert r.status_code == 200 and decode(r.json()["data"][0]["b64_json"]).size == (256, 256)
