@@ -52,8 +52,9 @@ def resolve_pruning(value: str | PruningOptions | None, s: ServiceSettings) -> t
 
 def _seeds(seed: int | None, n: int) -> list[int]:
     base = secrets.randbelow(2**62) if seed is None else seed
-    if base + n > 2**63 - 1:
-        raise ApiError(400, "seed + n must stay below 2^63", param="seed", code="invalid_value")
+    if base + n - 1 > 2**63 - 1:
+        raise ApiError(400, "seed + n - 1 (the last image's seed) must stay below 2^63", param="seed",
+                       code="invalid_value")
     return [base + i for i in range(n)]
 
 
@@ -83,7 +84,7 @@ def spec_from_generate(req: GenerateRequest, s: ServiceSettings) -> JobSpec:
 def spec_from_openai(req: OpenAIImageRequest, s: ServiceSettings) -> JobSpec:
     if req.background == "transparent":
         raise ApiError(400, "transparent backgrounds are not supported", param="background", code="unsupported_value")
-    if req.model is not None and req.model not in (s.model_preset, "ldserve", *s.model_aliases):
+    if req.model is not None and req.model not in (s.model_preset, *s.model_aliases):
         names = ", ".join(repr(n) for n in (s.model_preset, *s.model_aliases))
         raise ApiError(404, f"model {req.model!r} is not served here; use {names}", param="model",
                        code="model_not_found")

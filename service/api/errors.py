@@ -13,8 +13,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 log = logging.getLogger(__name__)
 
 TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-         404: "not_found_error", 409: "conflict_error", 413: "invalid_request_error",
+         404: "not_found_error", 409: "conflict_error", 413: "invalid_request_error", 415: "invalid_request_error",
          422: "invalid_request_error", 429: "rate_limit_error", 503: "server_error", 504: "timeout_error"}
+
+
+def error_type(status: int) -> str:
+    return TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
 
 
 class ApiError(Exception):
@@ -26,30 +30,49 @@ class ApiError(Exception):
         self.param = param
         self.code = code
         self.headers = headers or {}
-        self.type = type_ or TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+        self.type = type_ or error_type(status)
 
 
 def envelope(status: int, message: str, *, type_: str | None = None, param: str | None = None,
              code: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
-    body = {"error": {"message": message, "type": type_ or TYPES.get(status, "server_error"),
+    body = {"error": {"message": message, "type": type_ or error_type(status),
                       "param": param, "code": code}}
     return JSONResponse(body, status_code=status, headers=headers)
 
 
 def _loc_param(loc: tuple) -> str | None:
+    if loc[:1] == ("header",) and len(loc) > 1:  # the header's name as the client sent it
+        return str(loc[1])
     parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
     # drop pydantic's union-member tags (e.g. 'PruningOptions', 'str') from the path
     parts = [p for p in parts if not (p[:1].isupper() or p in ("str", "int", "float", "bool"))]
     return ".".join(parts) or None
 
 
+def _is_json(content_type: str) -> bool:
+    media = content_type.split(";")[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
 async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
     errors = exc.errors()
+    bad_json = next((e for e in errors if e.get("type") == "json_invalid"), None)
+    if bad_json is not None:  # not a JSON document (its loc holds the byte offset, not a field)
+        at = bad_json.get("loc", ())[-1]
+        return envelope(400, f"the request body is not valid JSON (at character {at})", code="invalid_json")
+    unknown = next((e for e in errors if e.get("type") == "extra_forbidden"), None)
+    if unknown is not None:  # as OpenAI answers it: a misspelt field is not silently ignored
+        name = _loc_param(tuple(unknown.get("loc", ())))
+        return envelope(400, f"Unknown parameter: '{name}'.", param=name, code="unknown_parameter")
+    content_type = request.headers.get("content-type", "")
+    if content_type and not _is_json(content_type) and any(tuple(e.get("loc", ())) == ("body",) for e in errors):
+        return envelope(415, f"the request body must be JSON (Content-Type: application/json), not {content_type}",
+                        code="unsupported_media_type")
     # the deepest location is the most specific (a union reports one error per member)
     first = max(errors, key=lambda e: len(e.get("loc", ()))) if errors else {"loc": (), "msg": "invalid request"}
     param = _loc_param(tuple(first.get("loc", ())))
     msg = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
-    return envelope(422, msg, param=param, code="invalid_value" if param else "invalid_json")
+    return envelope(422, msg, param=param, code="invalid_value" if param else "invalid_body")
 
 
 async def _api_error(request: Request, exc: ApiError) -> JSONResponse:

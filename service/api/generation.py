@@ -12,12 +12,12 @@ from .. import file_urls
 from ..imaging import MEDIA_TYPES
 from ..queue import Job, JobQueue
 from . import convert, jsonbody
+from .accept import EVENT_STREAM, JSON, negotiate, refuses
 from .deps import MetricsDep, NotifierDep, QueueDep, SettingsDep
 from .errors import ApiError
 from .jobflow import (
     ResponseFiles,
     Timing,
-    accept_image,
     async_response,
     delivered,
     job_files,
@@ -41,7 +41,8 @@ async def generate(body: GenerateRequest, request: Request, settings: SettingsDe
     """Generate images; synchronous by default (waits up to the server deadline)."""
     timing = Timing()
     spec = convert.spec_from_generate(body, settings)
-    if "text/event-stream" in (accept or "").lower() and "respond-async" not in (prefer or "").lower():
+    chosen = _response_type(accept, spec.output_format, spec.n, is_async="respond-async" in (prefer or "").lower())
+    if chosen == EVENT_STREAM:
         job, job_id, wait_s = await submit(spec, prefer=prefer, idem=idem, cancel_after=cancel_after,
                                             settings=settings, queue=queue, notifier=notifier, metrics=metrics,
                                             timing=timing, stream=True, drawn_seeds=body.seed is None)
@@ -49,10 +50,7 @@ async def generate(body: GenerateRequest, request: Request, settings: SettingsDe
             raise ApiError(404, f"job {job_id} no longer exists", code="job_not_found")
         return event_response(native_events(job, settings, queue, metrics, deadline=time.monotonic() + wait_s,
                                               owner=True, idem=idem), job.id, metrics)
-    raw_fmt = accept_image(accept)
-    if raw_fmt and spec.n != 1:
-        raise ApiError(406, "a raw image response needs n=1; use Accept: application/json", param="n",
-                       code="not_acceptable")
+    raw_fmt = next((f for f, m in MEDIA_TYPES.items() if m == chosen), None)
     files = ResponseFiles(spec, raw_fmt or spec.output_format, settings.png, metrics)
     job, job_id, _ = await submit(spec, prefer=prefer, idem=idem, cancel_after=cancel_after, settings=settings,
                                    queue=queue, notifier=notifier, metrics=metrics, timing=timing,
@@ -67,6 +65,24 @@ async def generate(body: GenerateRequest, request: Request, settings: SettingsDe
         headers["x-seed"] = str(job.spec.seeds[0])
         return Response(encoded[0], media_type=MEDIA_TYPES[raw_fmt], headers=headers)
     return jsonbody.response(convert.generate_body(job, encoded), headers=headers)
+
+
+def _response_type(accept: str | None, output_format: str, n: int, *, is_async: bool) -> str:
+    """What ``POST /generate`` answers, by ``Accept`` (``accept.negotiate``): JSON (the default),
+    an event stream (not with ``Prefer: respond-async``), or the raw image (n=1; ``image/*`` gets
+    the request's ``output_format``). An Accept that names none of them gets JSON, unless it
+    refuses JSON (q=0), or asks only for an image with n > 1: 406."""
+    images = [MEDIA_TYPES[output_format]] + [m for f, m in MEDIA_TYPES.items() if f != output_format]
+    chosen = negotiate(accept, [JSON] + ([] if is_async else [EVENT_STREAM]) + (images if n == 1 else []))
+    if chosen is not None:
+        return chosen
+    if n != 1 and negotiate(accept, images) is not None:
+        raise ApiError(406, "a raw image response needs n=1; use Accept: application/json", param="n",
+                       code="not_acceptable")
+    if refuses(accept, JSON):
+        raise ApiError(406, "nothing acceptable: this route answers application/json, text/event-stream or one "
+                       f"image ({', '.join(MEDIA_TYPES.values())})", code="not_acceptable")
+    return JSON
 
 
 @protected.post("/v1/images/generations", response_model=OpenAIImagesResponse, tags=["openai"],

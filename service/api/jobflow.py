@@ -12,7 +12,7 @@ import anyio
 from fastapi import BackgroundTasks, Response
 from starlette.types import Receive
 
-from ..imaging import MEDIA_TYPES, PngParams, encode_all, run_encode
+from ..imaging import PngParams, encode_all, run_encode
 from ..queue import IdempotencyMismatch, Job, JobQueue, QueueFull
 from ..spec import JobSpec
 from . import convert, jsonbody
@@ -37,18 +37,6 @@ def _duration(value: str | None) -> float | None:
     if seconds <= 0 or seconds > 86_400:
         raise ApiError(400, "Cancel-After must be in (0, 24h]", param="Cancel-After", code="invalid_header")
     return seconds
-
-
-def accept_image(accept: str | None) -> str | None:
-    """The image format the Accept header prefers over JSON, if any."""
-    for part in (accept or "").split(","):
-        media = part.split(";")[0].strip().lower()
-        if media in ("application/json", "*/*", "application/*"):
-            return None
-        for fmt, mt in MEDIA_TYPES.items():
-            if media == mt:
-                return fmt
-    return None
 
 
 class Timing:

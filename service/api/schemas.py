@@ -130,9 +130,11 @@ class GenerateResponse(BaseModel):
 
 
 class OpenAIImageRequest(SamplingFields):
-    """OpenAI Images API request plus the extensions seed, negative_prompt, guidance_scale, pruning."""
+    """OpenAI Images API request plus the extensions seed, negative_prompt, guidance_scale, pruning.
+    Unknown parameters are refused (400 ``unknown_parameter``), as OpenAI refuses them: a misspelt
+    extension (``negative_promt``) would otherwise be dropped without a word."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
     prompt: str = Field(..., min_length=1, max_length=MAX_PROMPT)
     model: str | None = Field(None, max_length=64)
@@ -144,6 +146,8 @@ class OpenAIImageRequest(SamplingFields):
     output_compression: int | None = Field(None, ge=0, le=100)
     background: Literal["auto", "opaque", "transparent"] | None = None
     user: str | None = Field(None, max_length=256)
+    style: Literal["vivid", "natural"] | None = Field(None, description="Accepted for compatibility; no effect")
+    moderation: Literal["auto", "low"] | None = Field(None, description="Accepted for compatibility; no effect")
     stream: bool = Field(False, description="Answer server-sent events: image_generation.partial_image, then "
                          "image_generation.completed per image")
     partial_images: int = Field(0, ge=0, le=3, description="With stream: previews per image")

@@ -85,14 +85,36 @@ def test_raw_image_with_accept_header(serve: Proc) -> None:
     assert r.status_code == 200 and r.headers["content-type"] == "image/webp"
     assert Image.open(io.BytesIO(r.content)).size == (256, 256) and r.headers["x-seed"] == "11"
     assert "encode;dur=" in r.headers["server-timing"]
+    r = post(serve, "/generate", {"prompt": "a tree", "seed": 2**63 - 1}, {"Accept": "image/png"})  # the largest
+    assert r.status_code == 200 and r.headers["x-seed"] == str(2**63 - 1)
     r = post(serve, "/generate", {"prompt": "a tree", "n": 2}, {"Accept": "image/png"})
     assert r.status_code == 406 and r.json()["error"]["param"] == "n"
+
+
+ACCEPT = [  # (Accept, n, output_format) -> content type answered (RFC 9110 q-values, then specificity)
+    ("image/png, application/json", 2, "png", "application/json"),  # JSON still acceptable with n=2
+    ("image/png;q=0, application/json", 1, "png", "application/json"),  # q=0: "not PNG"
+    ("text/event-stream;q=0, application/json", 1, "png", "application/json"),
+    ("image/*", 1, "webp", "image/webp"),  # the request's output_format
+    ("image/png;q=0.1, image/jpeg;q=0.9", 1, "png", "image/jpeg"),
+    ("image/png, */*;q=0.5", 1, "png", "image/png"),
+    ("text/html", 1, "png", "application/json"),  # names nothing we make: the default
+]
+
+
+@pytest.mark.parametrize("accept,n,fmt,answered", ACCEPT)
+def test_accept_negotiation(serve: Proc, accept: str, n: int, fmt: str, answered: str) -> None:
+    r = post(serve, "/generate", {"prompt": "a tree", "seed": 1, "n": n, "output_format": fmt}, {"Accept": accept})
+    assert r.status_code == 200 and r.headers["content-type"].split(";")[0] == answered, (r.status_code, r.text[:200])
+    refused = post(serve, "/generate", {"prompt": "a tree"}, {"Accept": "application/json;q=0"})
+    assert refused.status_code == 406 and refused.json()["error"]["code"] == "not_acceptable"
 
 
 def test_openai_route(serve: Proc) -> None:
     r = post(serve, "/v1/images/generations", {"prompt": "a boat", "model": "tiny-2b", "size": "256x256",
                                                "output_format": "jpeg", "output_compression": 60, "seed": 5,
-                                               "negative_prompt": "blurry", "pruning": "quality", "user": "u1"})
+                                               "negative_prompt": "blurry", "pruning": "quality", "user": "u1",
+                                               "style": "natural", "moderation": "low"})
     assert r.status_code == 200, r.text
     as_documented(r, "OpenAIImagesResponse")
     body = r.json()
@@ -241,7 +263,8 @@ BAD = [
     ({"prompt": "x", "aspect_ratio": "10:1"}, 400, "aspect_ratio"),
     ({"prompt": "x", "resolution": 333}, 422, "resolution"),
     ({"prompt": "x", "guidance_scale": -1}, 422, "guidance_scale"),
-    ({"prompt": "x", "bogus": 1}, 422, "bogus"),
+    ({"prompt": "x", "bogus": 1}, 400, "bogus"),
+    ({"prompt": "x", "seed": 2**63 - 1, "n": 2}, 400, "seed"),
     ({"prompt": "x", "output_format": "gif"}, 422, "output_format"),
 ]
 
@@ -263,7 +286,22 @@ def test_body_limit_and_bad_json(serve: Proc) -> None:
                    headers={**AUTH, "content-type": "application/json"})
     assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
     r = httpx.post(f"{serve.url}/generate", content=b"{nope", headers={**AUTH, "content-type": "application/json"})
-    assert r.status_code == 422 and "error" in r.json()
+    assert r.status_code == 400 and r.json()["error"] == {"message": r.json()["error"]["message"],
+                                                          "type": "invalid_request_error", "param": None,
+                                                          "code": "invalid_json"}
+    r = httpx.post(f"{serve.url}/generate", content=b'{"prompt": "x"}', headers={**AUTH, "content-type": "text/plain"})
+    assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type"
+    r = post(serve, "/generate", [1, 2])  # JSON, but not an object
+    assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_body"
+    r = post(serve, "/generate", {"prompt": "x"}, {"Idempotency-Key": "k" * 256})
+    assert r.status_code == 422 and r.json()["error"]["param"] == "Idempotency-Key"
+    r = httpx.get(f"{serve.url}/generate", headers=AUTH)
+    assert r.status_code == 405 and r.json()["error"]["type"] == "invalid_request_error"
+    r = post(serve, "/v1/images/generations", {"prompt": "x", "negative_promt": "blue"})  # misspelt extension
+    assert r.status_code == 400 and r.json()["error"]["code"] == "unknown_parameter"
+    assert r.json()["error"]["param"] == "negative_promt"
+    r = post(serve, "/v1/images/generations", {"prompt": "x", "model": "ldserve"})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
 
 
 def test_auth_on_every_non_probe_route(serve: Proc) -> None:

@@ -273,3 +273,23 @@ def test_response_files_use_the_head_start_only_for_the_same_images() -> None:
 
     a, b, counted = asyncio.run(run())
     assert png_pixels(a[0]) == ahead[0] and png_pixels(b[0]) == stored[0] and counted == 1
+
+
+def test_accept_negotiation_rules() -> None:
+    from service.api.accept import negotiate, refuses
+
+    offered = ["application/json", "text/event-stream", "image/png", "image/webp"]
+    assert negotiate(None, offered) == negotiate("", offered) == negotiate("*/*", offered) == "application/json"
+    assert negotiate("image/png", offered) == "image/png"
+    assert negotiate("image/png, application/json", offered) == "application/json"  # equal: the default
+    assert negotiate("image/png, */*", offered) == "image/png"  # named beats covered by */*
+    assert negotiate("image/*", offered) == "image/png"  # the first offered image
+    assert negotiate("image/webp;q=0.9, image/png;q=0.2", offered) == "image/webp"
+    assert negotiate("IMAGE/PNG ; Q=0.5", offered) == "image/png"  # case and spaces
+    assert negotiate("image/png;q=0, */*", offered) == "application/json"
+    assert negotiate("*/*;q=0.1, text/event-stream", offered) == "text/event-stream"
+    assert negotiate("image/gif", offered) is None and negotiate("application/json;q=0", offered) is None
+    assert negotiate("image/png;q=oops", offered) == "image/png"  # a malformed q counts as 1
+    assert negotiate("nonsense", offered) == "application/json"
+    assert refuses("application/json;q=0, image/png", "application/json")
+    assert refuses("application/*;q=0", "application/json") and not refuses("image/png", "application/json")
