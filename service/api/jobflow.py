@@ -174,7 +174,8 @@ async def async_response(job: Job | None, job_id: str, png: PngParams, queue: Jo
         raise ApiError(404, f"job {job_id} no longer exists", code="job_not_found")
     files = await job_files(job, png, queue, metrics)
     return jsonbody.response(convert.job_body(job, files), status_code=202,
-                             headers={"Location": f"/v1/jobs/{job.id}", "x-job-id": job.id})
+                             headers={"Location": f"/v1/jobs/{job.id}", "x-job-id": job.id,
+                                      "Preference-Applied": "respond-async"})
 
 
 

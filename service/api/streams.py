@@ -97,7 +97,7 @@ async def openai_stream(job: Job, quality: str | None, deadline: float, idem: st
                 for i, item in enumerate(out["data"]):
                     yield sse("image_generation.completed", {
                         "type": "image_generation.completed", "b64_json": item["b64_json"],
-                        "created_at": out["created"], **shape, "usage": out["usage"], "image_index": i,
+                        "created_at": int(time.time()), **shape, "usage": out["usage"], "image_index": i,
                         "seed": item["seed"]})
                 if drops_delivered(idem, settings):
                     await queue.drop_images(job.id, len(encoded), events=True)

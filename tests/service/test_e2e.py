@@ -222,6 +222,7 @@ def test_idempotency(serve: Proc) -> None:
     h = {"Idempotency-Key": "k-123", "Prefer": "respond-async"}
     a, b = post(serve, "/generate", body, h), post(serve, "/generate", body, h)
     assert a.status_code == b.status_code == 202 and a.json()["id"] == b.json()["id"]
+    assert a.headers["preference-applied"] == "respond-async"
     c = post(serve, "/generate", {**body, "seed": 4}, h)
     assert c.status_code == 422 and c.json()["error"]["code"] == "idempotency_key_reused"
     sync = post(serve, "/generate", body, {"Idempotency-Key": "k-123"})  # the retry waits on the same job
@@ -341,6 +342,9 @@ def test_probes_and_models(serve: Proc) -> None:
     assert models["data"][0]["id"] == "tiny-2b"
     r = httpx.get(f"{serve.url}/health/live", headers={"x-request-id": "mine-1"})
     assert r.headers["x-request-id"] == "mine-1"
+    for probe in ("live", "ready"):  # load balancers that probe with HEAD
+        head = httpx.head(f"{serve.url}/health/{probe}")
+        assert head.status_code == 200 and head.content == b""
 
 
 def test_metrics_appear_and_move(serve: Proc) -> None:
