@@ -46,7 +46,9 @@ if ARGV[9] == '1' then
   if existing then
     local sep = string.find(existing, ' ')
     local jid = string.sub(existing, 1, sep - 1)
-    if redis.call('EXISTS', ARGV[10] .. jid) == 1 then
+    local prev = redis.call('HGET', ARGV[10] .. jid, 'status')
+    -- a job that expired or was canceled never gave a result: the retry is a new attempt
+    if prev and prev ~= 'expired' and prev ~= 'canceled' then
       return {'dup', jid, string.sub(existing, sep + 1)}
     end
   end

@@ -78,7 +78,7 @@ def test_not_ready_without_worker_then_429_on_full_queue(split: dict) -> None:
 
 def test_deadline_expiry_before_the_gpu(split: dict, rclient: redis.Redis) -> None:
     api = split["api"]
-    j = submit(api, {"prompt": "late"}, {"Cancel-After": "200ms"}).json()
+    j = submit(api, {"prompt": "late"}, {"Cancel-After": "200ms", "Idempotency-Key": "late-1"}).json()
     time.sleep(0.4)
     w = split["worker"]()
     split["w1"] = w
@@ -92,6 +92,9 @@ def test_deadline_expiry_before_the_gpu(split: dict, rclient: redis.Redis) -> No
     for probe in ("ready", "live"):  # the probes the manifests use (tests/service/test_worker_http.py)
         assert httpx.get(f"http://127.0.0.1:{w.port}/health/{probe}").json() == {"status": "ok"}
     assert metric(wm, "ldserve_batch_size_count") == 0  # nothing reached the GPU
+    retry = submit(api, {"prompt": "late"}, {"Idempotency-Key": "late-1"}).json()  # it gave no result: anew
+    assert retry["id"] != j["id"] and wait_status(api, retry["id"], ("succeeded", "failed"))["status"] == "succeeded"
+    assert submit(api, {"prompt": "late"}, {"Idempotency-Key": "late-1"}).json()["id"] == retry["id"]
     r = httpx.post(f"{api.url}/generate", json={"prompt": "sync in split mode"}, timeout=120)
     assert r.status_code == 200 and decode(r.json()["data"][0]["b64_json"]).size == (256, 256)
     am = httpx.get(f"{api.url}/metrics").text
