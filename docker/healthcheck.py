@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Container health check: exit 0 when a URL answers 2xx within the timeout, else 1.
 
-Default URL: the API readiness route on $LDSERVE_PORT (8000). The worker passes its metrics URL,
-e.g. ``ldserve-healthcheck http://127.0.0.1:9101/metrics``. Standard library only (no curl in the image).
+Default URL: the API readiness route on $LDSERVE_PORT (8000). The worker passes its own readiness
+route on its metrics port: ``ldserve-healthcheck http://127.0.0.1:9101/health/ready``.
+Standard library only (no curl in the image).
 """
 
 import os

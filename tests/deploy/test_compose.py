@@ -8,39 +8,39 @@ that the file also validates when the profile is selected.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import pytest
-from deploy_helpers import COMPOSE_FILE, DASHBOARD, parse_duration_s, require_executable, require_module, run
+from deploy_helpers import (
+    DASHBOARD,
+    api_drain_timeout_s,
+    compose_config,
+    compose_environment,
+    parse_duration_s,
+    require_executable,
+    require_module,
+    service_settings,
+)
 
 GPU_SERVICES = ("api", "worker")
 CPU_SERVICES = ("api-cpu", "worker-cpu")
-
-
-def _compose_config(*extra: str) -> dict[str, Any]:
-    yaml = require_module("yaml")
-    compose = require_executable("docker-compose")
-    # Interpolate the file's own defaults, not whatever the CI shell exports.
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LDSERVE_", "COMPOSE_", "GRAFANA_"))}
-    proc = run([compose, "-f", str(COMPOSE_FILE), *extra, "config"], env=env)
-    assert proc.returncode == 0, f"docker-compose {' '.join(extra)} config failed:\n{proc.stderr}"
-    return yaml.safe_load(proc.stdout)
+# Shutdown after the API's drain (closing connections, lifespan, Redis) before Docker's SIGKILL.
+DRAIN_MARGIN_S = 10
 
 
 @pytest.fixture(scope="module")
 def config() -> dict[str, Any]:
-    return _compose_config()
+    return compose_config()
 
 
 @pytest.fixture(scope="module")
 def cpu_config() -> dict[str, Any]:
-    return _compose_config("--profile", "cpu")
+    return compose_config("--profile", "cpu")
 
 
 def test_cpu_and_gpu_profiles_validate(cpu_config: dict[str, Any]) -> None:
-    gpu = _compose_config("--profile", "gpu")
+    gpu = compose_config("--profile", "gpu")
     for name in CPU_SERVICES:
         assert cpu_config["services"][name]["profiles"] == ["cpu"]
     for name in GPU_SERVICES:
@@ -106,9 +106,20 @@ def test_healthchecks(config: dict[str, Any], name: str) -> None:
     if name in ("api", "api-cpu"):
         assert "/health/ready" in test
     if name in ("worker", "worker-cpu"):
-        assert ":9101/metrics" in test
+        # healthy = model loaded and warm (/metrics answers long before that)
+        assert ":9101/health/ready" in test
     if name in GPU_SERVICES:
         assert parse_duration_s(check["start_period"]) >= 600, "real models need start_period 600s"
+
+
+@pytest.mark.parametrize("name", ["api", "api-cpu"])
+def test_api_drain_fits_the_stop_grace_period(config: dict[str, Any], name: str) -> None:
+    """Docker sends SIGKILL stop_grace_period after SIGTERM: the API's drain (LDSERVE_DRAIN_TIMEOUT_S
+    as the container gets it; unset SYNC_TIMEOUT_S + 5 = 125 s) must end before that."""
+    service = config["services"][name]
+    drain = api_drain_timeout_s(service_settings(compose_environment(service)))
+    grace = parse_duration_s(service.get("stop_grace_period", "10s"))
+    assert grace >= drain + DRAIN_MARGIN_S, f"{name}: stop_grace_period {grace} < drain {drain} + {DRAIN_MARGIN_S}"
 
 
 def test_prometheus_scrapes_api_and_worker(config: dict[str, Any]) -> None:

@@ -8,10 +8,19 @@ schema-validated: it is asserted present and its fields are checked by hand belo
 from __future__ import annotations
 
 import copy
+import os
+from pathlib import Path
 from typing import Any
 
 import pytest
-from deploy_helpers import K8S, rendered_objects, require_module
+from deploy_helpers import (
+    K8S,
+    api_drain_timeout_s,
+    k8s_container_env,
+    rendered_objects,
+    require_module,
+    service_settings,
+)
 
 KUBERNETES_VERSION = "1.32.0"
 SKIPPED_KINDS = frozenset({"ScaledObject"})  # KEDA CRD: no schema in kubernetes-validate
@@ -22,7 +31,8 @@ from service.settings import ServiceSettings  # noqa: E402
 
 _KEYS = Keys(ServiceSettings.model_fields["key_prefix"].default)
 STREAM_KEY = _KEYS.stream
-CONSUMER_GROUP = _KEYS.group
+# Shutdown after the drain (closing connections, lifespan, Redis): grace >= preStop + drain + this.
+DRAIN_MARGIN_S = 10
 
 
 @pytest.fixture(scope="module", params=sorted(TARGETS))
@@ -101,10 +111,34 @@ def test_deployments_have_probes_and_drain_budget(rendered: tuple[str, list[dict
             for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
                 assert probe in container, f"{name}: {dep_name}/{container['name']} lacks {probe}"
             pre_stop = _prestop_seconds(container)
-            assert grace >= pre_stop + drain, f"{name}: {dep_name} grace {grace} < preStop {pre_stop} + drain {drain}"
+            if dep_name == "ldserve-api":
+                # The drain the API really runs: LDSERVE_DRAIN_TIMEOUT_S as rendered into its
+                # environment (unset: SYNC_TIMEOUT_S + 5), not only what the annotation claims.
+                settings_drain = api_drain_timeout_s(service_settings(k8s_container_env(objects, container)))
+                assert settings_drain == drain, (
+                    f"{name}: {dep_name} drains {settings_drain} s (LDSERVE_DRAIN_TIMEOUT_S), annotation says {drain}")
+                drain = settings_drain
+            assert grace >= pre_stop + drain + DRAIN_MARGIN_S, (
+                f"{name}: {dep_name} grace {grace} < preStop {pre_stop} + drain {drain} + margin {DRAIN_MARGIN_S}")
     api = _containers(deployments["ldserve-api"])[0]
     assert api["readinessProbe"]["httpGet"]["path"] == "/health/ready"
     assert api["livenessProbe"]["httpGet"]["path"] == "/health/live"
+
+
+def test_worker_probes_use_its_health_routes(rendered: tuple[str, list[dict[str, Any]]]) -> None:
+    """/metrics answers as soon as the port opens, long before the model is loaded: startup and
+    readiness wait for /health/ready (loaded, warm, not draining), liveness is /health/live."""
+    name, objects = rendered
+    worker = _containers(_named(objects, "Deployment", "ldserve-worker"))[0]
+    port_names = {p.get("name"): p["containerPort"] for p in worker["ports"]}
+    env = k8s_container_env(objects, worker)
+    metrics_port = int(env.get("LDSERVE_WORKER_METRICS_PORT", "9101"))
+    expected = {"startupProbe": "/health/ready", "readinessProbe": "/health/ready", "livenessProbe": "/health/live"}
+    for probe, path in expected.items():
+        get = worker[probe].get("httpGet")
+        assert get, f"{name}: worker {probe} is not an HTTP check: {worker[probe]}"
+        assert get["path"] == path, f"{name}: worker {probe} probes {get['path']}, want {path}"
+        assert port_names.get(get["port"], get["port"]) == metrics_port, f"{name}: worker {probe} port {get['port']}"
 
 
 def _startup_budget_s(workload: dict[str, Any]) -> float:
@@ -113,7 +147,7 @@ def _startup_budget_s(workload: dict[str, Any]) -> float:
 
 
 def test_startup_probe_is_sized_to_model_load(gpu: list[dict[str, Any]], cpu: list[dict[str, Any]]) -> None:
-    # Infinity-8B + flan-t5-xl + VAE from a volume, plus warm-up: allow at least 10 minutes.
+    # Infinity-8B + flan-t5-xl + VAE from a volume, plus warm-up: allow at least 10 minutes (15 set).
     assert _startup_budget_s(_named(gpu, "Deployment", "ldserve-worker")) >= 600
     assert _startup_budget_s(_named(cpu, "Deployment", "ldserve-worker")) >= 120
 
@@ -157,6 +191,9 @@ def test_no_gpu_outside_the_gpu_overlay(target: str) -> None:
 def test_pdbs_cover_api_and_worker(rendered: tuple[str, list[dict[str, Any]]]) -> None:
     name, objects = rendered
     pdbs = _of_kind(objects, "PodDisruptionBudget")
+    # API readiness needs a warm worker: unready pods must stay evictable or node drains stall.
+    for pdb in pdbs:
+        assert pdb["spec"].get("unhealthyPodEvictionPolicy") == "AlwaysAllow", pdb["metadata"]["name"]
     for dep in _of_kind(objects, "Deployment"):
         labels = dep["spec"]["template"]["metadata"]["labels"]
         assert any(
@@ -176,8 +213,17 @@ def test_keda_scales_the_worker_on_the_job_stream(rendered: tuple[str, list[dict
     (trigger,) = scaled["spec"]["triggers"]
     meta = trigger["metadata"]
     assert trigger["type"] == "redis-streams"
-    assert meta["stream"] == STREAM_KEY and meta["consumerGroup"] == CONSUMER_GROUP
-    assert {"lagCount", "pendingEntriesCount"} & set(meta), meta
+    assert meta["stream"] == STREAM_KEY
+    # XLEN (waiting + in progress): the group's lag reads NULL after the API XDELs a canceled or
+    # expired queued entry. KEDA uses streamLength only without consumerGroup (with one it falls
+    # back to the pending count, which does not see the backlog).
+    assert "streamLength" in meta and "consumerGroup" not in meta and "lagCount" not in meta, meta
+    # Per-replica target >= one worker batch, else a worker's own running batch scales it up.
+    worker = _containers(_named(objects, "Deployment", "ldserve-worker"))[0]
+    batch = service_settings(k8s_container_env(objects, worker)).max_batch_size
+    assert batch <= int(meta["streamLength"]) <= 4 * batch, (meta["streamLength"], batch)
+    # KEDA owns the replica count: a `replicas` in the Deployment would reset it on every apply.
+    assert "replicas" not in _named(objects, "Deployment", "ldserve-worker")["spec"], name
     namespace = scaled["metadata"]["namespace"]
     redis_service = _named(objects, "Service", "ldserve-redis")
     assert meta["address"] == f"ldserve-redis.{namespace}.svc.cluster.local:{redis_service['spec']['ports'][0]['port']}"
@@ -192,6 +238,12 @@ def test_settings_and_secret_wiring(rendered: tuple[str, list[dict[str, Any]]]) 
     assert any(r.get("configMapRef", {}).get("name") in config_maps for r in refs)
     secret_refs = {r["secretRef"]["name"] for r in refs if "secretRef" in r}
     assert secret_refs == {"ldserve-secrets"}, name
+    # Workers get the Secret too (LDSERVE_REDIS_URL with credentials); optional, like a missing
+    # key, so a worker without it still starts.
+    worker = _containers(_named(objects, "Deployment", "ldserve-worker"))[0]
+    worker_refs = worker["envFrom"]
+    assert any(r.get("configMapRef", {}).get("name") in config_maps for r in worker_refs)
+    assert [r["secretRef"] for r in worker_refs if "secretRef" in r] == [{"name": "ldserve-secrets", "optional": True}]
     if name == "cpu":
         assert secret_refs <= secrets, "the cpu overlay generates its dev Secret"
     else:
@@ -226,3 +278,48 @@ def test_redis_keeps_an_append_only_file(rendered: tuple[str, list[dict[str, Any
     limit_gi = float(_containers(redis)[0]["resources"]["limits"]["memory"].removesuffix("Gi"))
     assert cap_gb * 1e9 <= 0.6 * limit_gi * 2**30
     assert redis["spec"]["volumeClaimTemplates"], "AOF needs a persistent volume"
+
+
+def test_gpu_models_volume_is_shared_and_mounted_read_only(gpu: list[dict[str, Any]]) -> None:
+    """ReadWriteMany (a copy job can fill it; an RWX class or a bound PV is documented), read-only in workers."""
+    pvc = _named(gpu, "PersistentVolumeClaim", "ldserve-models")
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+    worker = _named(gpu, "Deployment", "ldserve-worker")
+    volumes = {v["name"]: v for v in worker["spec"]["template"]["spec"]["volumes"]}
+    claim = next(v for v in volumes.values() if v.get("persistentVolumeClaim", {}).get("claimName") == "ldserve-models")
+    assert claim["persistentVolumeClaim"].get("readOnly") is True
+    mount = next(m for m in _containers(worker)[0]["volumeMounts"] if m["name"] == claim["name"])
+    assert mount.get("readOnly") is True
+
+
+COMPONENT = K8S / "components" / "redis-networkpolicy"
+
+
+def test_redis_network_policy_component(tmp_path: Path) -> None:
+    """The opt-in component renders with an overlay, validates, selects the Redis pods and lets in
+    exactly the api and worker pods (plus the KEDA namespace) on the Redis port."""
+    kv = require_module("kubernetes_validate")
+    (tmp_path / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+        f"resources:\n  - {os.path.relpath(K8S / 'overlays' / 'cpu', tmp_path)}\n"
+        f"components:\n  - {os.path.relpath(COMPONENT, tmp_path)}\n")  # kustomize refuses absolute paths
+    objects = rendered_objects(tmp_path)
+    (policy,) = _of_kind(objects, "NetworkPolicy")
+    kv.validate(policy, KUBERNETES_VERSION, strict=True)
+    redis = _named(objects, "StatefulSet", "ldserve-redis")
+    assert policy["metadata"]["namespace"] == redis["metadata"]["namespace"]
+
+    def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+        if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+            return False
+        return all(labels.get(e["key"]) in e["values"] for e in selector.get("matchExpressions", [])
+                   if e["operator"] == "In")
+
+    assert selects(policy["spec"]["podSelector"], redis["spec"]["template"]["metadata"]["labels"])
+    (rule,) = policy["spec"]["ingress"]
+    port = _containers(redis)[0]["ports"][0]["containerPort"]
+    assert [p["port"] for p in rule["ports"]] == [port]
+    pod_selectors = [f["podSelector"] for f in rule["from"] if "podSelector" in f and "namespaceSelector" not in f]
+    allowed = {d["metadata"]["name"] for d in _of_kind(objects, "Deployment") + _of_kind(objects, "StatefulSet")
+               if any(selects(s, d["spec"]["template"]["metadata"]["labels"]) for s in pod_selectors)}
+    assert allowed == {"ldserve-api", "ldserve-worker"}, allowed
