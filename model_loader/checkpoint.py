@@ -66,7 +66,7 @@ def target_dtype(key: str, dtype: torch.dtype, policy: DtypePolicy, kind: Kind) 
     return torch.float32
 
 
-def _check_policy(policy: str) -> None:
+def check_policy(policy: str) -> None:
     if policy not in DTYPE_POLICIES:
         raise ValueError(f"unknown dtype policy {policy!r}; use one of {', '.join(DTYPE_POLICIES)}")
 
@@ -145,7 +145,7 @@ def collect_state_dict(module: nn.Module, path: str | Path, kind: Kind, *,
 
     Raises CheckpointError with a report unless every key of the module is found with its shape.
     """
-    _check_policy(dtype_policy)
+    check_policy(dtype_policy)
     device = torch.device(device)
     expected = module.state_dict()
     report = LoadReport()
@@ -259,7 +259,7 @@ def load_model(preset: str | ModelPreset, *, transformer_path: str | Path, vae_p
                text_encoder: TextEncoder | None = None) -> InfinityModel:
     """Load VAE (first: small, and fails fast when it is the wrong one) and transformer of a preset."""
     p = _resolve(preset)
-    _check_policy(dtype_policy)
+    check_policy(dtype_policy)
     vae = load_vae(p, vae_path, device=device, dtype_policy=dtype_policy)
     transformer = load_transformer(p, transformer_path, device=device, dtype_policy=dtype_policy)
     compute = torch.float32 if dtype_policy == "float32" else torch.bfloat16

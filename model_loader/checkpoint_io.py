@@ -76,9 +76,20 @@ def iter_state_dicts(path: str | Path, kind: Kind = "transformer") -> Iterator[t
 
 def read_file(path: Path, kind: Kind = "transformer") -> dict[str, Any]:
     """One file's raw state dict (values not yet validated as tensors)."""
-    if path.suffix == ".safetensors":
+    if path.suffix == ".safetensors" or _looks_like_safetensors(path):
         return read_safetensors(path)
     return _unwrap(read_torch(path), path, kind)
+
+
+def _looks_like_safetensors(path: Path) -> bool:
+    """A safetensors file under another name (``.pth``): an 8-byte header length, then its JSON.
+    torch.save files start with a zip or pickle signature instead."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False
+    return len(head) == 9 and head[8:9] == b"{" and 0 < struct.unpack("<Q", head[:8])[0] < 100_000_000
 
 
 def read_torch(path: Path) -> Any:
@@ -92,11 +103,14 @@ def read_torch(path: Path) -> Any:
             log.warning("%s uses the legacy torch.save format; reading it without mmap", path)
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        m = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        # torch words a refused global "Unsupported global: GLOBAL x" or "... unsupported GLOBAL x whose
+        # module is blocked" (os, subprocess, ...); either way, never pass on its advice to load unsafely
+        m = re.search(r"GLOBAL (\S+)", str(e))
         if m:
             raise CheckpointError(f"refusing to unpickle {path}: it references {m.group(1)}, which is not a "
                                   "tensor or plain container (a pickle that would run code)") from e
-        raise CheckpointError(f"could not read {path} (corrupted or truncated?): {_first_line(e)}") from e
+        raise CheckpointError(f"could not read {path}: not a state dict that loads without running code "
+                              "(torch.load weights_only), or a damaged file") from e
     except Exception as e:  # zip, EOF and stream errors of a damaged file
         raise CheckpointError(f"could not read {path} (corrupted or truncated?): {_first_line(e)}") from e
 

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
+import re
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,6 +44,11 @@ _TOKENIZER_FILES = ("tokenizer.json", "spiece.model")
 def default_text_dtype(device: torch.device | str) -> torch.dtype:
     """float16 on CUDA (as the official notebooks load T5), float32 elsewhere (fp16 on CPU is very slow)."""
     return torch.float16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else ""
 
 
 def _check_local_folder(path: str | os.PathLike[str]) -> Path:
@@ -87,13 +95,47 @@ class T5TextEncoder:
             logger.warning("T5 in float16 on CPU is very slow; float32 or bfloat16 is recommended")
         self.max_length = max_length
         self.pad_to_max_length = pad_to_max_length
+        where = str(self.path)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(
-                str(self.path), legacy=True, model_max_length=max_length, local_files_only=True)
-            model = T5EncoderModel.from_pretrained(str(self.path), dtype=self.dtype, local_files_only=True)
+                where, legacy=True, model_max_length=max_length, local_files_only=True)
         except OSError as err:
-            msg = f"could not load the T5 text encoder from {str(self.path)!r}: {err}"
-            raise FileNotFoundError(msg) from err
+            raise FileNotFoundError(f"could not load the T5 tokenizer from {where!r}: {err}") from err
+        except Exception as err:  # noqa: BLE001 - transformers raises anything on a damaged folder
+            raise ValueError(f"could not load the T5 tokenizer from {where!r} (tokenizer.json, "
+                             f"tokenizer_config.json): {type(err).__name__}: {_first_line(err)}") from err
+        def load(**kw: Any) -> tuple[Any, dict[str, Any]]:
+            return T5EncoderModel.from_pretrained(where, dtype=self.dtype, local_files_only=True,
+                                                  output_loading_info=True, **kw)
+
+        try:
+            try:
+                model, info = load()
+            except RuntimeError as err:  # wrong shapes: load again to learn which keys (then refused below)
+                if "ignore_mismatched_sizes" not in str(err):
+                    raise
+                model, info = load(ignore_mismatched_sizes=True)
+        except OSError as err:
+            raise FileNotFoundError(f"could not load the T5 text encoder from {where!r}: {err}") from err
+        except pickle.UnpicklingError as err:
+            glob = re.search(r"GLOBAL (\S+)", str(err))
+            raise ValueError(f"refusing to unpickle the T5 weights in {where!r}: they reference "
+                             f"{glob.group(1) if glob else 'an object'}, which is not a tensor or plain container "
+                             "(a pickle that would run code)") from err
+        except Exception as err:  # noqa: BLE001 - a truncated or damaged weights file
+            raise ValueError(f"could not load the T5 text encoder weights in {where!r}: "
+                             f"{type(err).__name__}: {_first_line(err)}") from err
+        # transformers fills keys missing from the file with random values and only logs it: features
+        # from such an encoder are silently wrong, so a missing key is an error (unexpected keys are
+        # not: a full T5 checkpoint also holds the decoder, which the encoder does not use)
+        missing = sorted(info.get("missing_keys") or []) + sorted(
+            f"{m[0]} (file {tuple(m[1])}, model {tuple(m[2])})" if isinstance(m, tuple) and len(m) == 3 else str(m)
+            for m in info.get("mismatched_keys") or [])
+        if missing:
+            more = f", ... ({len(missing)} in all)" if len(missing) > 8 else ""
+            shown = ", ".join(str(k) for k in missing[:8]) + more
+            raise ValueError(f"T5 text encoder weights in {where!r} lack {len(missing)} encoder key(s) "
+                             f"(or have them in another shape): {shown}")
         self.tokenizer.padding_side = "right"
         if self.tokenizer.pad_token_id is None:
             raise ValueError(f"tokenizer in {str(self.path)!r} has no pad token")

@@ -105,22 +105,30 @@ class Engine:
         ``pad_text_to_max``: T5 on 512 padded positions as the official code (default for flan-t5),
         or on the batch's longest prompt (default for the tiny T5, which has no official features
         to match; on the demo model that took text encoding from 54 to 4 ms)."""
-        from model_loader.checkpoint import load_model
+        from model_loader.checkpoint import check_policy, load_model
+        from model_loader.checkpoint_io import checkpoint_files
         from model_loader.random_init import random_model
         from model_loader.text_encoder import load_text_encoder
 
         p = get_preset(preset) if isinstance(preset, str) else preset
         if pad_text_to_max is None:
             pad_text_to_max = p.text_encoder != "tiny-t5"
-        text = load_text_encoder(p.text_encoder, text_encoder_path, device,
-                                 expected_channels=p.transformer.text_channels, pad_to_max_length=pad_text_to_max)
+        # everything that can be checked without reading weights first: a typo in a path must not
+        # cost a flan-t5-xl load (GBs) before it is reported, on every restart of a crash loop
+        check_policy(dtype_policy)
         if transformer_path is None and vae_path is None:
             if p.text_encoder != "tiny-t5":
                 raise ValueError(f"preset {p.name} needs transformer and VAE weights (transformer_path, vae_path)")
+        elif transformer_path is None or vae_path is None:
+            raise ValueError("give both transformer_path and vae_path, or neither (random weights)")
+        else:
+            checkpoint_files(vae_path)
+            checkpoint_files(transformer_path)
+        text = load_text_encoder(p.text_encoder, text_encoder_path, device,
+                                 expected_channels=p.transformer.text_channels, pad_to_max_length=pad_text_to_max)
+        if transformer_path is None:
             compute = torch.bfloat16 if dtype_policy == "bfloat16" else torch.float32
             return cls(random_model(p, seed=seed, device=device, compute_dtype=compute, text_encoder=text))
-        if transformer_path is None or vae_path is None:
-            raise ValueError("give both transformer_path and vae_path, or neither (random weights)")
         return cls(load_model(p, transformer_path=transformer_path, vae_path=vae_path, device=device,
                               dtype_policy=dtype_policy, text_encoder=text))
 

@@ -82,17 +82,34 @@ def serve(s: ServiceSettings) -> None:
         api_metrics = ApiMetrics(registry)
         local = LocalResults()
         worker = Worker(s, worker_client(s), WorkerMetrics(registry, jobs=api_metrics.api_jobs), local_results=local)
-        thread = threading.Thread(target=worker.run, name="ldserve-worker", daemon=True)
-        thread.start()
         app = create_app(s, metrics=api_metrics, local_results=local)
         server = _Server(_uvicorn_config(app, s), on_exit=lambda: setattr(app.state, "draining", True))
+        failed: list[BaseException] = []
+
+        def run_worker() -> None:
+            """The worker's end ends the process: a model that fails to load (a missing file, a
+            checkpoint that does not match) must not leave an API up that is never ready."""
+            try:
+                worker.run()
+            except BaseException as e:  # noqa: BLE001 - reported below, after the API stopped
+                failed.append(e)
+                expected = isinstance(e, (ValueError, OSError)) or type(e).__name__ == "CheckpointError"
+                log.critical("worker failed, ldserve serve stops: %s: %s", type(e).__name__, e, exc_info=not expected)
+                app.state.draining = True
+                server.should_exit = True
+
+        thread = threading.Thread(target=run_worker, name="ldserve-worker", daemon=True)
+        thread.start()
         _drain_then_exit_on_signals()
         server.run()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, _exit_on_signal)
-        log.info("API stopped; the worker finishes its batch")
+        if not failed:
+            log.info("API stopped; the worker finishes its batch")
         worker.stop()
         thread.join()
+        if failed:
+            sys.exit(f"ldserve serve: the worker failed: {type(failed[0]).__name__}: {failed[0]}")
     finally:
         if embedded is not None:
             embedded.stop()

@@ -6,6 +6,7 @@ Built in ``create_app`` / the CLI, never at import time.
 from __future__ import annotations
 
 import hashlib
+import os
 from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
@@ -46,8 +47,11 @@ class ServiceSettings(BaseSettings):
     transformer_path: str | None = None
     vae_path: str | None = None
     text_encoder_path: str | None = None
+    """Paths: ``~`` is expanded; an empty value means unset."""
     device: str = "cpu"
-    dtype_policy: str = "official"
+    dtype_policy: Literal["official", "float32", "bfloat16"] = "official"
+    """``official``: the official code's precision (bf16 blocks, float32 where it keeps float32);
+    ``float32`` / ``bfloat16`` everywhere (model_loader.checkpoint.DTYPE_POLICIES)."""
     cuda_graphs: bool = True
     """On a CUDA device, replay each scale's transformer forward from a captured CUDA graph when
     every row computes the whole scale (pruning.cuda_graphs): the same images, without ~65 ms of
@@ -138,6 +142,14 @@ class ServiceSettings(BaseSettings):
     """One INFO line per HTTP request from the API (``ldserve.access``: method, route, status,
     milliseconds, request id, job id when the response names one, client); health probes and
     metrics scrapes at DEBUG, so a Kubernetes probe every few seconds does not flood the log."""
+
+    @field_validator("transformer_path", "vae_path", "text_encoder_path", mode="before")
+    @classmethod
+    def _paths(cls, v: object) -> object:
+        if isinstance(v, str):
+            v = v.strip()
+            return os.path.expanduser(v) if v else None  # empty: unset (not the current folder)
+        return v
 
     @field_validator("api_keys", "cors_origins", "model_aliases", mode="before")
     @classmethod

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -281,6 +282,16 @@ class _Payload:
         return (open, (str(self.marker), "w"))
 
 
+class _OsPayload:
+    """Pickles as os.remove of a file: torch words a blocked module's global differently."""
+
+    def __init__(self, victim: Path) -> None:
+        self.victim = victim
+
+    def __reduce__(self) -> tuple:
+        return (os.remove, (str(self.victim),))
+
+
 def test_pickle_with_code_is_refused(tmp_path: Path, tr2b: nn.Module) -> None:
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pth"
@@ -289,9 +300,35 @@ def test_pickle_with_code_is_refused(tmp_path: Path, tr2b: nn.Module) -> None:
     with pytest.raises(CheckpointError, match="refusing to unpickle .*evil.pth"):
         load_transformer("tiny-2b", path)
     assert not marker.exists()
+    victim = tmp_path / "keep-me"
+    victim.write_text("x")
+    torch.save({**_sd(tr2b), "payload": _OsPayload(victim)}, path)
+    with pytest.raises(CheckpointError, match=r"refusing to unpickle .*evil.pth: it references posix\.remove") as e:
+        load_transformer("tiny-2b", path)
+    assert victim.exists() and "weights_only" not in str(e.value).replace("(torch.load weights_only)", "")
+
+
+def test_safetensors_under_a_pth_name_loads(tmp_path: Path, tr2b: nn.Module) -> None:
+    sd = {k: v.clone() for k, v in _sd(tr2b).items()}
+    save_file(sd, tmp_path / "t.pth")
+    loaded = load_transformer("tiny-2b", tmp_path / "t.pth", dtype_policy="float32").state_dict()
+    assert all(torch.equal(loaded[k].float(), v.float()) for k, v in sd.items() if k in loaded)
 
 
 def test_unknown_policy(tmp_path: Path, tr2b: nn.Module) -> None:
     torch.save(_sd(tr2b), tmp_path / "t.pth")
     with pytest.raises(ValueError, match="unknown dtype policy"):
         load_transformer("tiny-2b", tmp_path / "t.pth", dtype_policy="fp8")  # type: ignore[arg-type]
+
+
+def test_weight_paths_are_checked_before_the_text_encoder_loads(tmp_path: Path) -> None:
+    """A typo in a weight path is reported before flan-t5-xl (GBs) would be read: here the T5 folder
+    does not exist either, and the error is about the weights."""
+    from pruning.engine import Engine
+
+    with pytest.raises(CheckpointError, match=r"checkpoint not found: .*vae\.pth"):
+        Engine.from_preset("infinity-2b", transformer_path=tmp_path / "t.pth", vae_path=tmp_path / "vae.pth",
+                           text_encoder_path=tmp_path / "no-t5")
+    with pytest.raises(ValueError, match="unknown dtype policy 'bf16'"):
+        Engine.from_preset("infinity-2b", transformer_path=tmp_path / "t.pth", vae_path=tmp_path / "vae.pth",
+                           text_encoder_path=tmp_path / "no-t5", dtype_policy="bf16")

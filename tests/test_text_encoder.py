@@ -170,3 +170,39 @@ def test_rejects_bad_prompts(encoder: T5TextEncoder) -> None:
         encoder.encode([])
     with pytest.raises(ValueError):
         encoder.encode("a red circle")  # type: ignore[arg-type]
+
+
+def _copy_with_weights(src: Path, dst: Path, edit) -> Path:  # noqa: ANN001
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    sd = edit(load_file(str(dst / "model.safetensors")))
+    save_file(sd, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+def test_weights_missing_or_misshaped_keys_are_refused(tiny_dir: Path, tmp_path: Path) -> None:
+    """transformers would fill them with random values and only log it: silently wrong features."""
+    missing = _copy_with_weights(tiny_dir, tmp_path / "missing",
+                                 lambda sd: {k: v for k, v in sd.items() if "block.1." not in k})
+    with pytest.raises(ValueError, match=r"weights in '.*missing' lack \d+ encoder key\(s\).*block\.1\.layer"):
+        T5TextEncoder(missing, device="cpu", max_length=8)
+
+    def narrow(sd: dict) -> dict:
+        k = next(k for k in sd if k.endswith("block.0.layer.0.SelfAttention.q.weight"))
+        return {**sd, k: sd[k][:, :10].contiguous()}
+
+    shaped = _copy_with_weights(tiny_dir, tmp_path / "shaped", narrow)
+    with pytest.raises(ValueError, match=r"SelfAttention\.q\.weight \(file \(\d+, 10\), model \(\d+, \d+\)\)"):
+        T5TextEncoder(shaped, device="cpu", max_length=8)
+
+
+def test_damaged_tokenizer_names_the_folder(tiny_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    shutil.copytree(tiny_dir, tmp_path / "t5")
+    (tmp_path / "t5" / "tokenizer_config.json").unlink()
+    with pytest.raises(ValueError, match=r"could not load the T5 tokenizer from '.*t5'"):
+        T5TextEncoder(tmp_path / "t5", device="cpu", max_length=8)

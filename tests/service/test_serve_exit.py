@@ -112,3 +112,19 @@ def _queue_text(p: Proc) -> str:
     m = re.search(r'^ldserve_queue_depth\{state="waiting"\} (\S+)$', httpx.get(f"{p.url}/metrics", timeout=5).text,
                   re.M)
     return "queued" if m and float(m.group(1)) >= 1 else ""
+
+
+def test_serve_exits_when_the_model_fails_to_load(tmp_path: Path) -> None:
+    """A model that cannot load ends `ldserve serve` with the reason (it stayed up, never ready, and
+    its requests ended in 504s that did not say why), and stops its embedded Redis."""
+    env = base_env("unused", "noload", transformer_path=tmp_path / "missing.pth", vae_path=tmp_path / "vae.pth")
+    del env["LDSERVE_REDIS_URL"]
+    p = start("serve", env, tmp_path, port=free_port())
+    try:
+        rc = p.proc.wait(60)
+        pid, _ = _embedded(p)
+        assert rc == 1, p.logs()
+        assert f"checkpoint not found: {tmp_path / 'vae.pth'}" in p.logs()  # checked before anything loads
+        wait_for(lambda: not _alive(pid), 10, "the embedded redis-server to stop")
+    finally:
+        p.stop()

@@ -82,10 +82,14 @@ def test_settings_fail_fast(monkeypatch: pytest.MonkeyPatch) -> None:
     for bad in ({"model_preset": "nope"}, {"default_pruning": "turbo"}, {"api_keys": "short"},
                 {"cors_origins": "*"}, {"max_batch_size": 2, "max_n": 4}, {"transformer_path": "/x"},
                 {"switch_interval_ms": 0}, {"public_base_url": "images.example.com"},
-                {"public_base_url": "https://x.example/?a=1"}, {"model_aliases": "dall e 3"}):
+                {"public_base_url": "https://x.example/?a=1"}, {"model_aliases": "dall e 3"},
+                {"dtype_policy": "bf16"}, {"transformer_path": "/x", "vae_path": " "}):
         with pytest.raises(ValidationError):
             ServiceSettings(**bad)  # type: ignore[arg-type]
     assert ServiceSettings(public_base_url="https://x.example/").public_base_url == "https://x.example"
+    home = ServiceSettings(transformer_path="~/t.pth", vae_path="~/v.pth", text_encoder_path="")
+    assert not home.transformer_path.startswith("~") and home.vae_path.endswith("/v.pth")
+    assert home.text_encoder_path is None  # empty: unset, not the current folder
     assert ServiceSettings(model_aliases=" dall-e-3,gpt-image-1,dall-e-3").model_aliases == ["dall-e-3", "gpt-image-1"]
     # pruning of requests that name none: the model preset's unless set
     assert ServiceSettings(model_preset="demo").pruning_default == "light"
