@@ -206,3 +206,22 @@ def test_damaged_tokenizer_names_the_folder(tiny_dir: Path, tmp_path: Path) -> N
     (tmp_path / "t5" / "tokenizer_config.json").unlink()
     with pytest.raises(ValueError, match=r"could not load the T5 tokenizer from '.*t5'"):
         T5TextEncoder(tmp_path / "t5", device="cpu", max_length=8)
+
+
+def test_a_full_t5_checkpoint_with_its_decoder_loads(tiny_dir: Path, tmp_path: Path) -> None:
+    """flan-t5-xl's folder is a whole T5 (shared embedding saved once, decoder and lm_head too): the
+    missing-key check must accept it, and the encoder must take the file's weights."""
+    import shutil
+
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    full = T5ForConditionalGeneration(T5Config.from_pretrained(tiny_dir))
+    full.save_pretrained(tmp_path / "full")
+    for f in tiny_dir.glob("tokenizer*"):
+        shutil.copy(f, tmp_path / "full" / f.name)
+    enc = T5TextEncoder(tmp_path / "full", device="cpu", max_length=8)
+    ours, theirs = enc.model.state_dict(), full.encoder.state_dict()
+    q = "block.0.layer.0.SelfAttention.q.weight"
+    assert torch.equal(ours[f"encoder.{q}"], theirs[q])
+    assert torch.equal(ours["shared.weight"], full.shared.weight)
