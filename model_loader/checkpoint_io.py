@@ -59,6 +59,9 @@ def checkpoint_files(path: str | Path) -> list[Path]:
         shards = sorted(set(weight_map.values()))
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise CheckpointError(f"checkpoint index {index} is unreadable or has no weight_map: {e}") from e
+    outside = [s for s in shards if Path(s).is_absolute() or ".." in Path(s).parts]
+    if outside:
+        raise CheckpointError(f"checkpoint index {index} names shard(s) outside its folder: {', '.join(outside)}")
     missing = [s for s in shards if not (p / s).is_file()]
     if missing:
         raise CheckpointError(f"checkpoint folder {p}: {len(missing)} shard(s) listed in {index.name} are "

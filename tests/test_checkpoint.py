@@ -258,6 +258,18 @@ def test_missing_shard(tmp_path: Path, tr2b: nn.Module, fmt: str) -> None:
         load_transformer("tiny-2b", folder)
 
 
+def test_index_naming_files_outside_its_folder_is_refused(tmp_path: Path, tr2b: nn.Module) -> None:
+    folder = write_sharded(_sd(tr2b), tmp_path / "w", "safetensors")
+    index = next(folder.glob("*.index.json"))
+    doc = json.loads(index.read_text())
+    first = next(iter(doc["weight_map"]))
+    for elsewhere in ("../elsewhere.safetensors", str(tmp_path / "abs.safetensors")):
+        doc["weight_map"][first] = elsewhere
+        index.write_text(json.dumps(doc))
+        with pytest.raises(CheckpointError, match="names shard\\(s\\) outside its folder"):
+            load_transformer("tiny-2b", folder)
+
+
 @pytest.mark.parametrize("damage", ["truncated", "garbage"])
 @pytest.mark.parametrize("fmt", ["pth", "safetensors"])
 def test_corrupted_file(tmp_path: Path, tr2b: nn.Module, fmt: str, damage: str) -> None:
