@@ -26,6 +26,12 @@ class Keys:
         return f"{self.prefix}:idem:{hashlib.sha256(key.encode()).hexdigest()}"
 
 
+REDIS_SOCKET_TIMEOUT_S = 30.0
+"""Socket timeout of every Redis client of the service: above its longest blocking call (an event
+stream's XREAD waits up to 15 s, a worker's XREADGROUP up to ``block_ms`` <= 10 s). redis-py 8's
+default is 5 s, which cut every event stream whose job was quiet for 5 s."""
+REDIS_CONNECT_TIMEOUT_S = 5.0
+
 _NOW = "local t = redis.call('TIME'); local now = t[1] * 1000 + math.floor(t[2] / 1000)\n"
 
 EVENTS_MAXLEN = 256

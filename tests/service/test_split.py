@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -57,6 +58,21 @@ def wait_status(api: Proc, job_id: str, statuses: tuple[str, ...], timeout: floa
 
     wait_for(check, timeout, f"job {job_id} in {statuses}", interval=0.05)
     return out
+
+
+def test_event_stream_outlives_a_quiet_queue(split: dict) -> None:
+    """A job's event stream stays open while nothing happens for longer than the Redis client's
+    default socket timeout (redis-py 8: 5 s; the stream waits 15 s per read): it was cut at 5.3 s."""
+    api = split["api"]
+    job_id = submit(api, {"prompt": "nobody runs this yet"}).json()["id"]  # no worker: it waits
+    threading.Timer(7.0, lambda: httpx.post(f"{api.url}/v1/jobs/{job_id}/cancel", timeout=10)).start()
+    t0, events = time.monotonic(), []
+    with httpx.stream("GET", f"{api.url}/v1/jobs/{job_id}/events", timeout=30) as r:
+        for line in r.iter_lines():
+            if line.startswith("event: "):
+                events.append(line.removeprefix("event: "))
+    assert events[0] == "status" and events[-1] == "canceled", events
+    assert time.monotonic() - t0 >= 6.5
 
 
 def test_not_ready_without_worker_then_429_on_full_queue(split: dict) -> None:
