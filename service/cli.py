@@ -134,7 +134,7 @@ def worker(s: ServiceSettings) -> None:
     registry = CollectorRegistry()
     w = Worker(s, worker_client(s), WorkerMetrics(registry))
     if s.worker_metrics_port:
-        start_worker_http(s.host, s.worker_metrics_port, registry, lambda: w.ready and not w.draining, w.alive)
+        start_worker_http(s.host, s.worker_metrics_port, registry, lambda: w.serving, w.alive)
         log.info("worker metrics and probes on http://%s:%d (/metrics, /health/ready, /health/live)", s.host,
                  s.worker_metrics_port)
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aredis
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 
 from .keys import DROP_IMAGES, ENQUEUE, STORE_FILES, TERMINATE, Keys
 from .spec import TERMINAL, JobSpec
@@ -268,6 +268,10 @@ class LocalResults:
         deliver(job_id, stored)
 
 
+WAIT_RETRY_S, WAIT_RETRY_MAX_S = 0.25, 2.0
+"""A synchronous waiter whose read of its job fails retries after this, doubling up to the max."""
+
+
 class Notifier:
     """One pub/sub subscription per API process that wakes waiters; the job hash stays the truth.
     With ``local`` (``ldserve serve``), the in-process worker's stored hashes wake them first."""
@@ -355,9 +359,22 @@ class Notifier:
         if on_images is not None:
             self._on_images[ev] = on_images
         deadline = time.monotonic() + timeout_s
+        retry_s = WAIT_RETRY_S
         try:
             while True:
-                job = await self._read(job_id, ev)  # registered first, so no event is missed
+                try:
+                    job = await self._read(job_id, ev)  # registered first, so no event is missed
+                except RedisError as e:
+                    # Redis restarting or failing over: the job was accepted and may well finish, so
+                    # the waiter rides the outage out until its deadline instead of answering 503
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise
+                    log.warning("reading job %s failed (%s); retrying in %.2f s", job_id, e, min(retry_s, left))
+                    await asyncio.sleep(min(retry_s, left))
+                    retry_s = min(WAIT_RETRY_MAX_S, 2 * retry_s)
+                    continue
+                retry_s = WAIT_RETRY_S
                 left = deadline - time.monotonic()
                 if job is None or job.terminal or left <= 0:
                     return job

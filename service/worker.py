@@ -160,10 +160,17 @@ class Worker:
         self._last_recover = 0.0
         self.progress_at = time.monotonic()
         """When the loop last moved (a step began, a scale of a batch ended): ``alive``."""
+        self.backend_ok = True
+        """False from a failed Redis call of the loop until its next step succeeds: not ``serving``."""
 
     @property
     def draining(self) -> bool:
         return self._stop.is_set()
+
+    @property
+    def serving(self) -> bool:
+        """Warm, its queue reachable, not draining: what its heartbeat and ``/health/ready`` say."""
+        return self.ready and self.backend_ok and not self.draining
 
     def alive(self) -> bool:
         """False once a ready worker's loop has not moved for ``worker_stall_s`` (hung: a stuck
@@ -187,7 +194,11 @@ class Worker:
                 try:
                     self.step()
                     backoff = BACKEND_RETRY_S
+                    self.backend_ok = True
                 except redis.RedisError as e:  # Redis restarting, failing over, or out of memory
+                    self.backend_ok = False
+                    if self._recreate_group(e):
+                        continue
                     self._after_backend_error(e, backoff)
                     backoff = min(BACKEND_RETRY_MAX_S, 2 * backoff)
             while self.held:
@@ -197,8 +208,24 @@ class Worker:
             self.cancel_watch.close()
             self._hb_stop.set()
             hb.join(timeout=5)
-            self.queue.remove_worker(self.consumer)
+            try:
+                self.queue.remove_worker(self.consumer)
+            except redis.RedisError as e:  # Redis gone: its entry goes stale and is pruned by others
+                log.warning("could not remove worker %s from the registry: %s", self.consumer, e)
             log.info("worker %s stopped", self.consumer)
+
+    def _recreate_group(self, e: redis.RedisError) -> bool:
+        """NOGROUP: the stream and its consumer group are gone (Redis restarted without persistence,
+        was flushed, or failed over to an empty replica): create them again and go on (the jobs the
+        old Redis held are gone with it). Before, every read failed with NOGROUP for good."""
+        if not (isinstance(e, redis.ResponseError) and "NOGROUP" in str(e)):
+            return False
+        try:
+            self.queue.ensure_group()
+        except redis.RedisError:
+            return False
+        log.warning("the job stream's consumer group was gone (Redis restarted empty?): created it again")
+        return True
 
     def _after_backend_error(self, e: redis.RedisError, wait_s: float) -> None:
         """A Redis call failed mid-step: jobs this worker holds but no longer tracks in ``held`` (a
@@ -236,7 +263,7 @@ class Worker:
         with self._lock:
             ids = list(self.owned)
         self.queue.touch(self.consumer, ids)
-        self.queue.heartbeat(self.consumer, {"ready": self.ready and not self._stop.is_set(),
+        self.queue.heartbeat(self.consumer, {"ready": self.serving,
                                              "model": self.settings.model_preset, "pid": os.getpid(),
                                              "s_per_image": self.s_per_image, "held": len(ids)})
 

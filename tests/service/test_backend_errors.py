@@ -4,8 +4,12 @@ the OpenAI envelope, nothing half-accepted is left behind, and the API recovers 
 
 from __future__ import annotations
 
+import subprocess
+import threading
+import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -13,7 +17,7 @@ import redis
 
 from service.embedded_redis import EmbeddedRedis
 
-from .conftest import Proc, base_env, free_port, start, up, wait_for
+from .conftest import Proc, base_env, free_port, ready, start, up, wait_for
 
 
 @pytest.fixture
@@ -105,3 +109,68 @@ def test_refused_progress_events_do_not_fail_the_batch(backend: tuple[EmbeddedRe
         assert r.hget(key, "status") == b"succeeded" and int(r.hget(key, "deliveries")) == 1
     finally:
         w.stop()
+
+
+def test_worker_and_waiters_recover_when_redis_comes_back_empty(backend: tuple[EmbeddedRedis, Proc, str],
+                                                                 tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Redis loses everything (a restart without persistence, a flush, a failover to an empty replica):
+    the worker creates the job stream's consumer group again and runs new jobs. It read NOGROUP for
+    good before, while the API and its own heartbeat still said ready."""
+    server, api, prefix = backend
+    w = start("worker", base_env(server.url, prefix, api_keys="", worker_metrics_port=0),
+              tmp_path_factory.mktemp("empty_worker"))
+    try:
+        wait_for(lambda: httpx.get(f"{api.url}/health/ready").status_code == 200, 120, "worker ready", w)
+        redis.Redis.from_url(server.url).flushall()
+        r = httpx.post(f"{api.url}/generate", json={"prompt": "after the flush"}, timeout=60)
+        assert r.status_code == 200, (r.text, w.logs())
+        assert b"consumer group was gone" in w.log.read_bytes()
+    finally:
+        w.stop()
+
+
+def test_sync_waiters_ride_out_a_redis_restart(tmp_path: Path) -> None:
+    """Redis (with its data: AOF) is killed and back a second later while a synchronous request's job
+    runs: the request still gets its images. Its waiter answered 503 at once before, although the job
+    had been accepted, then ran and kept its images in Redis for nobody."""
+    from service.embedded_redis import redis_server_binary
+
+    port = free_port()
+    args = [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
+            "--appendfsync", "always", "--dir", str(tmp_path)]
+    url = f"redis://127.0.0.1:{port}/0"
+
+    def redis_up() -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda: _pings(url), 10, "redis-server up")
+        return proc
+
+    server = redis_up()
+    serve = start("serve", base_env(url, "restart", api_keys="", claim_idle_ms=1500), tmp_path, port=free_port())
+    try:
+        wait_for(lambda: ready(serve.url), 120, "serve ready", serve)
+        got: dict[str, httpx.Response] = {}
+        client = threading.Thread(target=lambda: got.setdefault("r", httpx.post(
+            f"{serve.url}/generate", json={"prompt": "through a restart", "resolution": 512, "n": 4}, timeout=120)))
+        client.start()
+        r = redis.Redis.from_url(url)
+        wait_for(lambda: any(r.hget(k, "status") == b"processing" for k in r.keys("restart:job:*")), 30,
+                 "the job processing", serve, interval=0.01)
+        server.kill()
+        server.wait()
+        time.sleep(1.0)
+        server = redis_up()
+        client.join(120)
+        assert got["r"].status_code == 200, (got["r"].text, serve.logs())
+        assert len(got["r"].json()["data"]) == 4
+    finally:
+        serve.stop()
+        server.kill()
+        server.wait()
+
+
+def _pings(url: str) -> bool:
+    try:
+        return bool(redis.Redis.from_url(url).ping())
+    except redis.RedisError:
+        return False

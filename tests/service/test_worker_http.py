@@ -48,7 +48,7 @@ def test_worker_probes(redis_url: str) -> None:
                         calibrate_realized_speedup=False, _env_file=None)
     w = Worker(s, worker_client(s), WorkerMetrics(CollectorRegistry()), engine_factory=GatedEngine)
     port = free_port()
-    server = start_worker_http("127.0.0.1", port, w.metrics.registry, lambda: w.ready and not w.draining, w.alive)
+    server = start_worker_http("127.0.0.1", port, w.metrics.registry, lambda: w.serving, w.alive)
     base = f"http://127.0.0.1:{port}"
     code = lambda path: httpx.get(f"{base}{path}", timeout=5).status_code  # noqa: E731
     thread = threading.Thread(target=w.run, daemon=True)
