@@ -13,6 +13,7 @@ import math
 import signal
 import sys
 import threading
+import time
 from typing import Any
 
 import uvicorn
@@ -98,8 +99,26 @@ def serve(s: ServiceSettings) -> None:
                 app.state.draining = True
                 server.should_exit = True
 
+        def watch_embedded_redis() -> None:
+            """The embedded redis-server is part of this process's service: if it dies, every request
+            would get 503 while /health/live said 200, so the process ends (its supervisor restarts it)."""
+            while not server.should_exit:
+                proc = embedded.proc if embedded is not None else None
+                if proc is None:
+                    return
+                if proc.poll() is not None:
+                    failed.append(RuntimeError(f"the embedded redis-server exited (code {proc.returncode})"))
+                    log.critical("the embedded redis-server exited (code %s); ldserve serve stops", proc.returncode)
+                    app.state.draining = True
+                    server.should_exit = True
+                    worker.stop()
+                    return
+                time.sleep(0.5)
+
         thread = threading.Thread(target=run_worker, name="ldserve-worker", daemon=True)
         thread.start()
+        if embedded is not None:
+            threading.Thread(target=watch_embedded_redis, name="ldserve-redis-watch", daemon=True).start()
         _drain_then_exit_on_signals()
         server.run()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -109,7 +128,7 @@ def serve(s: ServiceSettings) -> None:
         worker.stop()
         thread.join()
         if failed:
-            sys.exit(f"ldserve serve: the worker failed: {type(failed[0]).__name__}: {failed[0]}")
+            sys.exit(f"ldserve serve: stopped: {type(failed[0]).__name__}: {failed[0]}")
     finally:
         if embedded is not None:
             embedded.stop()

@@ -128,3 +128,15 @@ def test_serve_exits_when_the_model_fails_to_load(tmp_path: Path) -> None:
         wait_for(lambda: not _alive(pid), 10, "the embedded redis-server to stop")
     finally:
         p.stop()
+
+
+def test_serve_exits_when_its_embedded_redis_dies(tmp_path: Path) -> None:
+    """Its requests would all get 503 while /health/live said 200: the process ends (exit 1) so its
+    supervisor restarts the pair."""
+    p, pid, _ = _serve_embedded(tmp_path)
+    try:
+        os.kill(pid, signal.SIGKILL)
+        assert p.proc.wait(60) == 1, p.logs()
+        assert "the embedded redis-server exited" in p.logs()
+    finally:
+        p.stop()
