@@ -44,7 +44,8 @@ def create_app(settings: ServiceSettings, *, metrics: ApiMetrics | None = None,
                                        socket_timeout=REDIS_SOCKET_TIMEOUT_S,
                                        socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S)
         keys = Keys(settings.key_prefix)
-        app.state.queue = JobQueue(client, keys, max_len=settings.max_queue_len, job_ttl_s=settings.job_ttl_s)
+        app.state.queue = JobQueue(client, keys, max_len=settings.max_queue_len, job_ttl_s=settings.job_ttl_s,
+                                   worker_stale_s=settings.heartbeat_stale_s)
         app.state.notifier = Notifier(client, app.state.queue, local_results,
                                       on_local_read=api_metrics.results_in_process.inc)
         try:

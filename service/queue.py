@@ -96,8 +96,11 @@ async def ensure_group(client: aredis.Redis, keys: Keys) -> None:
 class JobQueue:
     """Async queue client used by the API process."""
 
-    def __init__(self, client: aredis.Redis, keys: Keys, *, max_len: int, job_ttl_s: int) -> None:
+    def __init__(self, client: aredis.Redis, keys: Keys, *, max_len: int, job_ttl_s: int,
+                 worker_stale_s: float = 10.0) -> None:
+        """``worker_stale_s``: a worker whose heartbeat is older counts as gone (``retry_after``)."""
         self.client = client
+        self.worker_stale_s = worker_stale_s
         self.keys = keys
         self.max_len = max_len
         self.job_ttl_s = job_ttl_s
@@ -129,7 +132,7 @@ class JobQueue:
 
     async def retry_after(self, depth: int) -> int:
         workers = await self.workers()
-        ready = [w for w in workers if w.get("ready")]
+        ready = [w for w in workers if w.get("ready") and w["age_s"] < self.worker_stale_s]
         per_image = max([w.get("s_per_image", 1.0) for w in ready] or [1.0])
         return max(1, math.ceil(depth * per_image / max(1, len(ready))))
 

@@ -201,6 +201,9 @@ class ServiceSettings(BaseSettings):
             raise ValueError(f"default_pruning: unknown {self.pruning_default!r}; known: {sorted(pruning_presets)}")
         if (self.transformer_path is None) != (self.vae_path is None):
             raise ValueError("transformer_path and vae_path: give both or neither (random weights)")
+        if self.job_ttl_s <= self.sync_timeout_s:
+            raise ValueError("job_ttl_s must exceed sync_timeout_s: a job's record (its TTL counts from "
+                             "enqueue) would expire while its synchronous client still waits for it")
         if self.max_batch_size < self.max_n:
             raise ValueError("max_batch_size must be >= max_n (a job's images run in one batch)")
         return self

@@ -136,6 +136,11 @@ class CancelWatch:
                 self._stop.wait(1.0)
 
 
+PRUNE_EVERY_S, PRUNE_AFTER_MIN_S = 60.0, 60.0
+"""Each worker forgets dead workers (``WorkerQueue.prune``) this often, once silent this long (or six
+heartbeat staleness periods, if longer)."""
+
+
 class Worker:
     def __init__(self, settings: ServiceSettings, client: redis.Redis, metrics: WorkerMetrics, *,
                  engine_factory: Callable[[ServiceSettings], EngineClient] = EngineClient,
@@ -253,9 +258,15 @@ class Worker:
                  self.engine.model_name, self.settings.device, time.perf_counter() - t0, warm)
 
     def _heartbeat_loop(self) -> None:
+        pruned_at = 0.0
         while not self._hb_stop.wait(self.settings.heartbeat_s):
             try:
                 self._beat()
+                if time.monotonic() - pruned_at > PRUNE_EVERY_S:
+                    pruned_at = time.monotonic()
+                    gone = self.queue.prune(self.consumer, max(PRUNE_AFTER_MIN_S, 6 * self.settings.heartbeat_stale_s))
+                    if any(gone):
+                        log.info("forgot %d dead worker(s) and %d idle consumer(s)", *gone)
             except redis.RedisError as e:
                 log.warning("heartbeat failed: %s", e)
 

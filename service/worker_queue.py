@@ -138,3 +138,23 @@ class WorkerQueue:
 
     def remove_worker(self, consumer: str) -> None:
         self.client.hdel(self.keys.workers, consumer)
+
+    def prune(self, consumer: str, stale_after_s: float) -> tuple[int, int]:
+        """Forget workers that died without removing themselves (SIGKILL, OOM, a lost node): their
+        registry entries whose heartbeat is older than ``stale_after_s``, and their consumers in the
+        group once they hold no pending entry (XAUTOCLAIM takes those first) and have been idle that
+        long. Both grew with every worker process ever started. Returns (entries, consumers) removed."""
+        now, entries = time.time(), 0
+        for name, raw in self.client.hgetall(self.keys.workers).items():
+            try:
+                ts = float(json.loads(raw)["ts"])
+            except (ValueError, KeyError, TypeError):
+                ts = 0.0
+            if name.decode() != consumer and now - ts > stale_after_s:
+                entries += self.client.hdel(self.keys.workers, name)
+        consumers = 0
+        for c in self.client.xinfo_consumers(self.keys.stream, self.keys.group):
+            name = c["name"].decode() if isinstance(c["name"], bytes) else c["name"]
+            if name != consumer and c["pending"] == 0 and c["idle"] > stale_after_s * 1000:
+                consumers += self.client.xgroup_delconsumer(self.keys.stream, self.keys.group, name) == 0
+        return entries, consumers

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 import uuid
 
 import pytest
@@ -83,7 +84,7 @@ def test_settings_fail_fast(monkeypatch: pytest.MonkeyPatch) -> None:
                 {"cors_origins": "*"}, {"max_batch_size": 2, "max_n": 4}, {"transformer_path": "/x"},
                 {"switch_interval_ms": 0}, {"public_base_url": "images.example.com"},
                 {"public_base_url": "https://x.example/?a=1"}, {"model_aliases": "dall e 3"},
-                {"dtype_policy": "bf16"}, {"transformer_path": "/x", "vae_path": " "}):
+                {"dtype_policy": "bf16"}, {"transformer_path": "/x", "vae_path": " "}, {"job_ttl_s": 20}):
         with pytest.raises(ValidationError):
             ServiceSettings(**bad)  # type: ignore[arg-type]
     assert ServiceSettings(public_base_url="https://x.example/").public_base_url == "https://x.example"
@@ -297,3 +298,40 @@ def test_accept_negotiation_rules() -> None:
     assert negotiate("nonsense", offered) == "application/json"
     assert refuses("application/json;q=0, image/png", "application/json")
     assert refuses("application/*;q=0", "application/json") and not refuses("image/png", "application/json")
+
+
+def test_dead_workers_are_forgotten_and_not_counted(redis_url: str) -> None:
+    """Workers killed outright leave a registry entry (ready) and a group consumer: stale entries and
+    idle consumers without pending entries are pruned (a consumer still holding entries stays for
+    XAUTOCLAIM), and Retry-After counts only workers whose heartbeat is fresh."""
+    import asyncio
+
+    import redis.asyncio as aredis
+
+    from service.queue import JobQueue
+
+    keys = Keys(f"prune{uuid.uuid4().hex[:6]}")
+    client = redis.Redis.from_url(redis_url)
+    q = WorkerQueue(client, keys, job_ttl_s=60)
+    q.ensure_group()
+    client.xadd(keys.stream, {"job_id": "j1"})
+    q.read_new("holder", 1, None)  # a dead worker that still holds an entry
+    client.xadd(keys.stream, {"job_id": "j2"})
+    [done] = q.read_new("idle-dead", 1, None)  # a dead worker that holds nothing (its job was acked)
+    client.xack(keys.stream, keys.group, done.entry_id)
+    q.heartbeat("me", {"ready": True, "s_per_image": 1.0})
+    client.hset(keys.workers, "dead", json.dumps({"ready": True, "s_per_image": 1.0, "ts": time.time() - 3600}))
+
+    async def retry_after() -> int:
+        c = aredis.Redis.from_url(redis_url)
+        try:
+            return await JobQueue(c, keys, max_len=10, job_ttl_s=60, worker_stale_s=10).retry_after(20)
+        finally:
+            await c.aclose()
+
+    assert asyncio.run(retry_after()) == 20  # 20 jobs at 1 s per image for the one live worker, not 2
+    time.sleep(0.3)
+    assert q.prune("me", stale_after_s=0.2) == (1, 1)
+    assert set(client.hkeys(keys.workers)) == {b"me"}
+    names = {c["name"] for c in client.xinfo_consumers(keys.stream, keys.group)}
+    assert {n.decode() if isinstance(n, bytes) else n for n in names} == {"holder"}
