@@ -335,3 +335,18 @@ def test_dead_workers_are_forgotten_and_not_counted(redis_url: str) -> None:
     assert set(client.hkeys(keys.workers)) == {b"me"}
     names = {c["name"] for c in client.xinfo_consumers(keys.stream, keys.group)}
     assert {n.decode() if isinstance(n, bytes) else n for n in names} == {"holder"}
+
+
+def test_autoclaim_goes_on_where_it_stopped(redis_url: str) -> None:
+    """Successive reclaims walk the whole pending list, each entry once (Redis 7 scans at most 10 x
+    count pending entries per call, so restarting at 0-0 could starve entries behind live ones)."""
+    keys = Keys(f"ac{uuid.uuid4().hex[:6]}")
+    client = redis.Redis.from_url(redis_url)
+    q = WorkerQueue(client, keys, job_ttl_s=60)
+    q.ensure_group()
+    for i in range(30):
+        client.xadd(keys.stream, {"job_id": f"j{i}"})
+    q.read_new("dead", 30, None)
+    time.sleep(0.05)
+    got = [e.job_id for _ in range(8) for e in q.autoclaim("me", 10, 4)]
+    assert sorted(got) == sorted(f"j{i}" for i in range(30))
