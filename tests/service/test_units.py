@@ -350,3 +350,36 @@ def test_autoclaim_goes_on_where_it_stopped(redis_url: str) -> None:
     time.sleep(0.05)
     got = [e.job_id for _ in range(8) for e in q.autoclaim("me", 10, 4)]
     assert sorted(got) == sorted(f"j{i}" for i in range(30))
+
+
+def test_worker_holds_at_most_one_job_of_another_batch_key(redis_url: str) -> None:
+    """Reading a burst of mixed sizes, a worker takes the first job's batch and at most one job of
+    another key (its next batch), leaving the rest to other workers; it took up to MAX_BATCH_SIZE
+    entries of any key and ran them one key after another while another worker sat idle."""
+    import asyncio
+
+    import redis.asyncio as aredis
+
+    from service.queue import JobQueue
+
+    prefix = f"mix{uuid.uuid4().hex[:6]}"
+    keys = Keys(prefix)
+    specs = [spec(1), spec(1, h_div_w=0.5), spec(1), spec(1)]  # key A, B, A, A
+
+    async def admit() -> None:
+        c = aredis.Redis.from_url(redis_url)
+        try:
+            q = JobQueue(c, keys, max_len=10, job_ttl_s=60)
+            for sp in specs:
+                await q.enqueue(sp, timeout_s=60, idempotency_key=None)
+        finally:
+            await c.aclose()
+
+    s = ServiceSettings(redis_url=redis_url, key_prefix=prefix, model_preset="tiny-2b", max_batch_size=4)
+    w = Worker(s, redis.Redis.from_url(redis_url), WorkerMetrics(CollectorRegistry()), consumer="w1")
+    w.queue.ensure_group()
+    asyncio.run(admit())
+    w.step()  # idle: reads the first job, then gathers its batch
+    assert [h.spec.h_div_w for h in w.held] == [1.0, 0.5]  # stopped after the first job of another key
+    other = WorkerQueue(redis.Redis.from_url(redis_url), keys, job_ttl_s=60).read_new("w2", 4, None)
+    assert len(other) == 2  # the two key-A jobs behind it are left for another worker
