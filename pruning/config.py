@@ -67,6 +67,8 @@ class PruningConfig:
                 bad(name, "must be distinct scale indices in [0, 13)")
         if self.lhep_scales is not None and 0 in self.lhep_scales:
             bad("lhep_scales", "scale 0 has no previous residual to score")
+        if self.sats_scales is not None and 0 in self.sats_scales:
+            bad("sats_scales", "scale 0 has no earlier discrepancy to compare with")
         if not self.eps > 0:
             bad("eps", "must be positive")
         if self.energy_interp not in ("bilinear", "nearest"):
@@ -77,6 +79,17 @@ class PruningConfig:
             bad("force_keep_fraction", "must be in (0, 1]")
         if self.force_stop_scale is not None and not 1 <= self.force_stop_scale < 13:
             bad("force_stop_scale", "must be in [1, 13)")
+
+    def check_schedule(self, num_scales: int) -> None:
+        """ValueError naming the field if an absolute scale index is past a ``num_scales`` schedule's
+        end (it would silently do nothing there)."""
+        for name in ("lhep_scales", "sats_scales"):
+            past = sorted(s for s in getattr(self, name) or () if s >= num_scales)
+            if past:
+                raise ValueError(f"pruning.{name}: scale(s) {past} past the end of this {num_scales}-scale schedule")
+        if self.force_stop_scale is not None and self.force_stop_scale >= num_scales:
+            raise ValueError(f"pruning.force_stop_scale: {self.force_stop_scale} is past the end of this "
+                             f"{num_scales}-scale schedule")
 
     def lhep_set(self, num_scales: int) -> frozenset[int]:
         if not self.lhep:

@@ -175,7 +175,10 @@ def generate(model: InfinityModel, text: TextCond, grids: tuple[tuple[int, int],
         # 1. text state for all rows; caches sized for the full schedule
         rows_text, uncond_of = build_text_rows(model, text.to(dev), params, negative)
         state = tf.prepare_text(rows_text)
-        text_len_B = rows_text.lens_B.tolist()[:b]  # each sample's (its conditional row's) text tokens
+        lens = rows_text.lens_B.tolist()
+        # each sample's text tokens: its conditional row's, its unconditional row's (the negative
+        # prompt, or the empty prompt's), for the FLOP counts
+        text_len_B = [(lens[s], lens[b + uncond_of.index(s)] if s in uncond_of else 0) for s in range(b)]
         rows = _Rows(b, list(range(b)), uncond_of)
         cache = (new_kv_cache(tf, len(rows.src), offsets[-1], model.compute_dtype) if graphs is None
                  else graphs.kv_cache(len(rows.src), offsets[-1], model.compute_dtype))
@@ -246,16 +249,19 @@ def _preview(model: InfinityModel, summed_BDhw: torch.Tensor, samples: list[int]
 
 
 def _record(stats: list[SampleStats], cfg, si: int, grid: tuple[int, int], keep, rows: _Rows,
-            params: list[SamplingParams], keys_done: list[int], keys_full: int, text_len: list[int],
+            params: list[SamplingParams], keys_done: list[int], keys_full: int, text_len: list[tuple[int, int]],
             wall: float) -> None:
-    """Append this scale's ScaleStats to every sample (FLOPs with the real KV lengths)."""
+    """Append this scale's ScaleStats to every sample (FLOPs with the real KV and text lengths of
+    each branch: the unconditional one reads the negative prompt, or the empty prompt)."""
     length = grid[0] * grid[1]
     for s, st in enumerate(stats):
         k = 0 if rows.cond_row(s) is None else length if keep[s] is None else int(keep[s].numel())
         ran = rows.uncond_row(s) is not None
         keys_done[s] += k
-        full = scale_flops(cfg, length, keys_full, text_len[s]) * (2 if params[s].uses_uncond else 1)
-        run = scale_flops(cfg, k, keys_done[s], text_len[s]) * (2 if ran else 1)
+        cond_t, uncond_t = text_len[s]
+        full = scale_flops(cfg, length, keys_full, cond_t) + (
+            scale_flops(cfg, length, keys_full, uncond_t) if params[s].uses_uncond else 0)
+        run = scale_flops(cfg, k, keys_done[s], cond_t) + (scale_flops(cfg, k, keys_done[s], uncond_t) if ran else 0)
         st.scales.append(ScaleStats(si, grid, length, k, ran, full, run, wall))
 
 

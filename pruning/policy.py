@@ -95,6 +95,8 @@ class LDPruning:
 
     def reset(self, grids: tuple[tuple[int, int], ...]) -> None:
         n = len(grids)
+        if n:
+            self.config.check_schedule(n)
         self.lhep_scales = self.config.lhep_set(n)
         self.sats_scales = self.config.sats_set(n)
         # Delta is also measured one scale before the first SATS scale so gamma exists there

@@ -208,6 +208,24 @@ def test_statistics_add_up(model):
     assert skip.uncond_stop_scale == len(GRIDS) - 2 and skip.scales[-1].tokens_computed == 0
 
 
+def test_flops_count_each_branch_with_its_own_text(model):
+    """With a negative prompt the unconditional branch attends to the negative prompt's tokens, not
+    the prompt's: full and executed FLOPs count each branch with its own text length."""
+    text = _text(1, seed=5)  # 5 tokens
+    g = torch.Generator().manual_seed(9)
+    negative = TextCond(torch.randn(1, 29, 256, generator=g) * 0.2, torch.tensor([29]))
+    out = generate(model, text, GRIDS, PARAMS[:1], [LDPruning(PruningConfig(uncond_stop_tol=0.6))], negative=negative)
+    cfg, st, keys = model.transformer.cfg, out.stats[0], 0
+    for sc in st.scales:
+        full_keys = sum(h * w for h, w in GRIDS[:sc.scale_idx + 1])
+        assert math.isclose(sc.flops_full, scale_flops(cfg, sc.tokens_full, full_keys, 5)
+                            + scale_flops(cfg, sc.tokens_full, full_keys, 29), rel_tol=1e-9)
+        keys += sc.tokens_computed
+        want = scale_flops(cfg, sc.tokens_computed, keys, 5) + (
+            scale_flops(cfg, sc.tokens_computed, keys, 29) if sc.uncond_ran else 0)
+        assert math.isclose(sc.flops_executed, want, rel_tol=1e-9)
+
+
 def test_fastvar_style_keeps_fixed_ratios(model):
     out = generate(model, _text(1), GRIDS, PARAMS[:1], [FastVARStyle({-3: 0.5, -1: 0.0})])
     fr = out.stats[0].kept_fraction_per_scale
@@ -384,3 +402,13 @@ def test_stopped_samples_leave_the_batch_and_the_others_run_as_alone(model):
     assert ran[:3] == [sc.tokens_computed for sc in full.stats[1].scales][:3] and not any(ran[3:])
     gone = generate(model, text, GRIDS, params, pol(), stopped=lambda: {0, 1, 2})
     assert not gone.images_BHW3.any() and all(st.tokens_computed == 0 for st in gone.stats)
+
+
+def test_absolute_scale_sets_past_the_schedule_are_refused(model):
+    """They did nothing, silently: LHEP on scale 12 of a 7-scale schedule prunes nothing."""
+    with pytest.raises(ValueError, match=r"pruning\.lhep_scales: scale\(s\) \[12\] past the end"):
+        generate(model, _text(1), GRIDS, PARAMS[:1], [LDPruning(PruningConfig(lhep_scales=(5, 12)))])
+    with pytest.raises(ValueError, match=r"pruning\.force_stop_scale: 9 is past the end"):
+        generate(model, _text(1), GRIDS, PARAMS[:1], [LDPruning(PruningConfig(force_stop_scale=9))])
+    with pytest.raises(ValueError, match=r"pruning\.sats_scales: scale 0 has no earlier"):
+        PruningConfig(sats_scales=(0, 3))

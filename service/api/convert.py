@@ -46,6 +46,13 @@ def resolve_pruning(value: str | PruningOptions | None, s: ServiceSettings) -> t
         field = msg.split(":")[0].removeprefix("pruning.") if msg.startswith("pruning.") else None
         param = "pruning" if isinstance(value, str) else f"pruning.{field or 'preset'}"
         raise ApiError(400, msg, param=param, code="invalid_pruning") from None
+    # a setting of a part that is off would do nothing, and "custom" would claim otherwise
+    idle = {"energy_keep_ratio": "lhep", "fill_mode": "lhep", "uncond_stop_tol": "sats"}
+    for field, part in idle.items():
+        if field in overrides and not cfg[part]:
+            raise ApiError(400, f"pruning.{field}: has no effect while {part.upper()} is off (preset {preset!r}"
+                           f"{f' with {part}: false' if overrides.get(part) is False else ''}); set {part}: true, "
+                           "or leave it out", param=f"pruning.{field}", code="invalid_pruning")
     enabled = cfg["lhep"] or cfg["sats"] or cfg["force_stop_scale"] is not None
     return (cfg if enabled else None), label
 

@@ -45,7 +45,7 @@ def _loc_param(loc: tuple) -> str | None:
         return str(loc[1])
     parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
     # drop pydantic's union-member tags (e.g. 'PruningOptions', 'str') from the path
-    parts = [p for p in parts if not (p[:1].isupper() or p in ("str", "int", "float", "bool"))]
+    parts = [p for p in parts if not (p[:1].isupper() or p in ("str", "int", "float", "bool", "constrained-str"))]
     return ".".join(parts) or None
 
 
@@ -72,6 +72,9 @@ async def _validation(request: Request, exc: RequestValidationError) -> JSONResp
     first = max(errors, key=lambda e: len(e.get("loc", ()))) if errors else {"loc": (), "msg": "invalid request"}
     param = _loc_param(tuple(first.get("loc", ())))
     msg = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
+    kinds = {e.get("type") for e in errors if _loc_param(tuple(e.get("loc", ()))) == param}
+    if "string_type" in kinds and kinds & {"model_type", "model_attributes_type", "dict_type"}:  # neither member
+        msg = f"{param}: expected a name (a string) or an object of settings"
     return envelope(422, msg, param=param, code="invalid_value" if param else "invalid_body")
 
 

@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from ..spec import OutputFormat
 
 MAX_PROMPT = 32_000  # hard schema bound; the configured max_prompt_chars is checked per request
 
 
+PresetName = Annotated[str, StringConstraints(min_length=1, max_length=32)]
+
+
 class PruningOptions(BaseModel):
-    """Explicit LD-Pruning settings on top of a preset (default: the server's default preset)."""
+    """Explicit LD-Pruning settings on top of a preset (default: the server's default preset).
+    Strict types: ``"no"`` is not a boolean, ``"0.5"`` not a number."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
-    preset: str | None = Field(None, description="off | light | quality | balanced | fast", max_length=32)
+    preset: PresetName | None = Field(None, description="off | light | quality | balanced | fast")
     energy_keep_ratio: float | None = Field(None, gt=0, le=1, description="rho: high-frequency energy to keep")
     uncond_stop_tol: float | None = Field(None, ge=0, le=10, description="delta: SATS stop tolerance")
     lhep: bool | None = Field(None, description="Enable latent high-frequency energy pruning")
@@ -26,7 +30,7 @@ class PruningOptions(BaseModel):
                           "upsampled (nearest, the paper's fill)")
 
 
-PruningField = str | PruningOptions | None
+PruningField = PresetName | PruningOptions | None
 
 
 class SamplingFields(BaseModel):

@@ -259,6 +259,13 @@ BAD = [
     ({"prompt": "x", "pruning": {"energy_keep_ratio": 0}}, 422, "pruning.energy_keep_ratio"),
     ({"prompt": "x", "pruning": {"preset": "turbo"}}, 400, "pruning.preset"),
     ({"prompt": "x", "pruning": {"fill_mode": "bicubic"}}, 422, "pruning.fill_mode"),
+    ({"prompt": "x", "pruning": ""}, 422, "pruning"),  # ran balanced, whatever the server default
+    ({"prompt": "x", "pruning": {"preset": ""}}, 422, "pruning.preset"),
+    ({"prompt": "x", "pruning": 5}, 422, "pruning"),
+    ({"prompt": "x", "pruning": {"lhep": "no"}}, 422, "pruning.lhep"),  # was read as false
+    ({"prompt": "x", "pruning": {"energy_keep_ratio": "0.5"}}, 422, "pruning.energy_keep_ratio"),
+    ({"prompt": "x", "pruning": {"preset": "off", "energy_keep_ratio": 0.3}}, 400, "pruning.energy_keep_ratio"),
+    ({"prompt": "x", "pruning": {"sats": False, "uncond_stop_tol": 0.2}}, 400, "pruning.uncond_stop_tol"),
     ({"prompt": "x", "width": 256, "height": 4000}, 400, "height"),
     ({"prompt": "x", "width": 4000, "height": 4000}, 400, "width"),
     ({"prompt": "x", "aspect_ratio": "10:1"}, 400, "aspect_ratio"),
@@ -278,6 +285,8 @@ def test_bad_inputs_never_reach_the_queue(serve: Proc, rclient: redis.Redis, bod
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert err["param"] == param and err["message"] and err["type"] == "invalid_request_error"
+    if body.get("pruning") == 5:
+        assert "a name (a string) or an object" in err["message"]
     assert "x-request-id" in r.headers
     assert job_keys(rclient, serve) == before
 
