@@ -377,9 +377,12 @@ def test_worker_holds_at_most_one_job_of_another_batch_key(redis_url: str) -> No
 
     s = ServiceSettings(redis_url=redis_url, key_prefix=prefix, model_preset="tiny-2b", max_batch_size=4)
     w = Worker(s, redis.Redis.from_url(redis_url), WorkerMetrics(CollectorRegistry()), consumer="w1")
-    w.queue.ensure_group()
-    asyncio.run(admit())
-    w.step()  # idle: reads the first job, then gathers its batch
-    assert [h.spec.h_div_w for h in w.held] == [1.0, 0.5]  # stopped after the first job of another key
-    other = WorkerQueue(redis.Redis.from_url(redis_url), keys, job_ttl_s=60).read_new("w2", 4, None)
-    assert len(other) == 2  # the two key-A jobs behind it are left for another worker
+    try:
+        w.queue.ensure_group()
+        asyncio.run(admit())
+        w.step()  # idle: reads the first job, then gathers its batch
+        assert [h.spec.h_div_w for h in w.held] == [1.0, 0.5]  # stopped after the first job of another key
+        other = WorkerQueue(redis.Redis.from_url(redis_url), keys, job_ttl_s=60).read_new("w2", 4, None)
+        assert len(other) == 2  # the two key-A jobs behind it are left for another worker
+    finally:
+        w.cancel_watch.close()
