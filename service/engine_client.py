@@ -1,10 +1,13 @@
 """The worker's only view of the model: builds ``pruning.Engine`` from settings, warms up, runs batches.
 
-Realized-speedup calibration: for every batch shape (scale schedule, number of images) the
-first pruned batch is followed by one timed run of the same requests with pruning off
-(warm-up does it for the default schedule at batch size 1). The cached unpruned time over
-the actual time of each later pruned batch of that shape is the realized speedup. The extra
-run happens after the batch's results are stored, so no client waits for it.
+Realized-speedup calibration: for every batch shape (scale schedule, images, images with a
+guidance branch) one timed run of the batch's requests with pruning off, once (warm-up does it
+for the default schedule, one guided image). A pruned batch of a shape not timed yet reports
+nothing and leaves its requests to be timed when the worker is idle (``calibrate_pending``), so
+the GPU does not run it while jobs wait, and a first, cold batch of a new shape is not compared
+with a warm re-run; each later pruned batch of that shape reports unpruned time / its time.
+Regular unpruned batches do not move the reference (they did: an ``off`` batch with guidance 1
+became the reference of guided pruned batches).
 """
 
 from __future__ import annotations
@@ -90,7 +93,9 @@ class EngineClient:
                                              device=settings.device, dtype_policy=settings.dtype_policy)
         if self.engine.model.device.type == "cuda":
             self.engine.set_cuda_graphs(settings.cuda_graphs)
-        self.unpruned_s: dict[tuple[Grids, int], float] = {}
+        self.unpruned_s: dict[tuple[Grids, int, int], float] = {}
+        self.pending: dict[tuple[Grids, int, int], list[ImageRequest]] = {}
+        """Shapes seen in pruned batches and not timed yet, with unpruned requests to time them."""
 
     @property
     def model_name(self) -> str:
@@ -104,7 +109,9 @@ class EngineClient:
         t = self.engine.warmup()
         if self.settings.calibrate_realized_speedup:
             spec_grids = grids_for(1.0, self.engine.preset.pn)
-            self._time_unpruned([ImageRequest("calibration", SamplingParams(seed=0))], spec_grids)
+            d = self.engine.preset.sampling  # the requests that name nothing: the most common shape
+            self._time_unpruned([ImageRequest("calibration", SamplingParams(cfg=d.cfg, tau=d.tau, top_k=d.top_k,
+                                                                            top_p=d.top_p, seed=0))], spec_grids)
         return t
 
     def generate(self, specs: list[JobSpec], events: EventSink | None = None,
@@ -150,8 +157,6 @@ class EngineClient:
             i += s.n
         pruned = any(r.pruning is not None for r in reqs)
         cut = [j for j in range(len(specs)) if results[first[j]].stopped]
-        if not pruned and not cut:
-            self.unpruned_s[(grids, len(reqs))] = seconds
         return BatchOut(out, seconds, pruned, cut)
 
     def _scale_events(self, specs: list[JobSpec], first: list[int], grids: Grids, wanted: list[list[int]],
@@ -178,23 +183,34 @@ class EngineClient:
         return on_scale
 
     def realized_speedup(self, specs: list[JobSpec], seconds: float) -> float | None:
-        """Calibrated unpruned time / actual time for a pruned batch (calibrating on first use)."""
+        """Unpruned time / actual time for a pruned batch whose shape is timed; None for a shape not
+        timed yet (queued for ``calibrate_pending``) or with calibration off."""
         if not self.settings.calibrate_realized_speedup:
             return None
         grids = grids_for(specs[0].h_div_w, specs[0].pn)
         reqs = [replace(r, pruning=None) for s in specs for r in requests_for(s)]
-        key = (grids, len(reqs))
+        key = _shape(grids, reqs)
         if key not in self.unpruned_s:
-            self._time_unpruned(reqs, grids)
+            self.pending.setdefault(key, reqs)
+            return None
         return self.unpruned_s[key] / seconds if seconds > 0 else None
 
-    def _time_unpruned(self, reqs: list[ImageRequest], grids: Grids) -> None:
+    def calibrate_pending(self) -> float:
+        """Time one pending shape unpruned (the worker calls this when idle); seconds spent."""
+        if not self.pending:
+            return 0.0
+        key, reqs = next(iter(self.pending.items()))
+        del self.pending[key]
+        return self._time_unpruned(reqs, key[0])
+
+    def _time_unpruned(self, reqs: list[ImageRequest], grids: Grids) -> float:
         t0 = time.perf_counter()
         self.engine.generate(reqs, grids)
         self._sync()
-        self.unpruned_s[(grids, len(reqs))] = time.perf_counter() - t0
-        log.info("calibrated unpruned time for %d image(s) at %s: %.3f s", len(reqs), grids[-1],
-                 self.unpruned_s[(grids, len(reqs))])
+        took = time.perf_counter() - t0
+        self.unpruned_s[_shape(grids, reqs)] = took
+        log.info("calibrated unpruned time for %d image(s) at %s: %.3f s", len(reqs), grids[-1], took)
+        return took
 
     def _sync(self) -> None:
         if self.settings.device.startswith("cuda"):
@@ -204,3 +220,9 @@ class EngineClient:
         if self.settings.device.startswith("cuda") and torch.cuda.is_available():
             return int(torch.cuda.memory_allocated())
         return 0
+
+
+def _shape(grids: Grids, reqs: list[ImageRequest]) -> tuple[Grids, int, int]:
+    """What the unpruned time of a batch depends on: schedule, images, images with an unconditional
+    branch (guidance_scale 1 halves the work)."""
+    return grids, len(reqs), sum(1 for r in reqs if r.sampling.uses_uncond)

@@ -16,10 +16,11 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 45, 60, 90, 120, 180, 300, 600)
-BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16)
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)  # up to max_batch_size's bound
 FRACTION_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 21))
 STOP_SCALE_BUCKETS = tuple(range(0, 14))
-SPEEDUP_BUCKETS = (1, 1.1, 1.25, 1.5, 1.75, 2, 2.5, 3, 4, 5, 8)
+SPEEDUP_BUCKETS = (0.5, 0.75, 0.9, 1, 1.1, 1.25, 1.5, 1.75, 2, 2.5, 3, 4, 5, 8)
+"""From 0.5: a realized speedup below 1 (pruning that cost time, or a noisy host) is visible."""
 P = "ldserve"
 
 
@@ -95,22 +96,33 @@ class WorkerMetrics:
         self.jobs_stopped = c("jobs_stopped", "Canceled jobs whose samples left a running batch between scales "
                               "(the batch went on for its other jobs)")
         self.tokens_full = c("tokens_full", "Transformer tokens an unpruned run computes")
-        self.uncond_stop = c("uncond_stop", "Images by whether SATS stopped the unconditional branch", ["stopped"])
+        self.uncond_stop = c("uncond_stop", "Pruned images by whether SATS stopped the unconditional branch "
+                             "(no_branch: guidance_scale 1, nothing to stop)", ["stopped"])
         self.jobs = jobs or c("jobs", "Jobs reaching a terminal status", ["status"])
         self.redeliveries = c("redeliveries", "Jobs reclaimed from a dead worker (XAUTOCLAIM)")
+        self.calibration = c("calibration_seconds", "Device time spent timing batch shapes unpruned for the "
+                             "realized speedup (while the worker was idle)")
+        self.job_duration = h("job_duration_seconds", "Enqueue to result stored, per succeeded job (async and "
+                              "sync alike; the Redis clock)", LATENCY_BUCKETS)
         self.dead_letters = c("dead_letters", "Jobs dead-lettered after too many deliveries")
         self.gpu_memory = Gauge(f"{P}_gpu_memory_used_bytes", "torch.cuda.memory_allocated (0 on CPU)",
                                 registry=registry)
         self.model_info = Gauge(f"{P}_model_info", "Served model (value 1)",
                                 ["model", "device", "dtype", "pruning_default", "version"], registry=registry)
 
-    def record_sample(self, stats: dict[str, Any]) -> None:
+    def record_sample(self, stats: dict[str, Any], *, pruned: bool = True, guided: bool = True) -> None:
+        """One stored image. ``pruned``: its request had pruning on (the kept-fraction, SATS and
+        ideal-speedup metrics describe pruned images only, the population the realized speedup is
+        measured on; an unpruned image would only add 1.0s); ``guided``: it had an unconditional
+        branch to stop (guidance_scale != 1)."""
         self.tokens_computed.inc(stats["tokens_computed"])
         self.tokens_full.inc(stats["tokens_full"])
+        if not pruned:
+            return
         for idx, frac in enumerate(stats["kept_fraction_per_scale"]):
             self.kept_fraction.labels(scale=str(idx)).observe(frac)
         stop = stats["uncond_stop_scale"]
-        self.uncond_stop.labels(stopped="true" if stop is not None else "false").inc()
+        self.uncond_stop.labels(stopped="true" if stop is not None else "false" if guided else "no_branch").inc()
         if stop is not None:
             self.uncond_stop_scale.observe(stop)
         self.ideal_speedup.observe(stats["ideal_speedup"])

@@ -299,6 +299,9 @@ class Worker:
             self._admit(e)
         if self.held:
             self._read_more()
+        elif self.engine is not None and self.engine.pending:  # idle: time a new shape unpruned now
+            took = self.engine.calibrate_pending()
+            self.metrics.calibration.inc(took)
 
     def _read_more(self) -> None:
         """Fill the batch being gathered with entries read one at a time without blocking, stopping
@@ -390,7 +393,7 @@ class Worker:
             keep = [j for j in range(len(live)) if j not in out.stopped]
             live, out = [live[j] for j in keep], replace(out, images=[out.images[j] for j in keep])
         self._store(live, out)
-        self._observe_batch(live, out)
+        self._observe_batch(live, out, images)
 
     def _scale_done(self, live: list[Held]) -> Callable[[], set[int]]:
         """The engine's question after every scale (which jobs were canceled), which also marks the
@@ -450,8 +453,10 @@ class Worker:
                 local.put(h.entry.job_id, stored)
             self._end(h, "succeeded", stored is not None)
             if stored is not None:
+                self.metrics.job_duration.observe(
+                    max(0.0, (int(stored[b"completed_ms"]) - int(stored[b"created_ms"])) / 1000))
                 for img in imgs:
-                    self.metrics.record_sample(img.stats)
+                    self.metrics.record_sample(img.stats, pruned=h.spec.pruning is not None, guided=h.spec.cfg != 1.0)
 
     def _result_fields(self, h: Held, imgs: list[ImageOut], live: list[Held], out: BatchOut) -> dict[str, Any]:
         result = result_doc(h.spec, imgs[0].width, imgs[0].height,
@@ -464,8 +469,9 @@ class Worker:
         fields.update({f"img{k}": img.rgb for k, img in enumerate(imgs)})
         return fields
 
-    def _observe_batch(self, live: list[Held], out: BatchOut) -> None:
-        images = batch_images(live)
+    def _observe_batch(self, live: list[Held], out: BatchOut, images: int) -> None:
+        """``images``: the batch's images when it started (jobs canceled mid-batch had their share
+        of its time and size)."""
         self.metrics.inference.observe(out.seconds)
         self.metrics.batch_size.observe(images)
         self.s_per_image = 0.8 * self.s_per_image + 0.2 * out.seconds / images

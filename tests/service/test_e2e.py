@@ -368,6 +368,8 @@ def test_metrics_appear_and_move(serve: Proc) -> None:
                  "ldserve_ideal_speedup_count", "ldserve_images_generated_total",
                  "ldserve_request_duration_seconds_count"):
         assert metric(after, name) > metric(before, name), name
+    jobs = "ldserve_job_duration_seconds_count"
+    assert metric(after, jobs) == metric(before, jobs) + 1
     assert metric(after, 'ldserve_jobs_total{status="succeeded"}') >= 1
     assert 'ldserve_http_requests_total{method="POST",route="/generate",status="200"}' in after
     assert 'ldserve_queue_depth{state="waiting"}' in after and 'ldserve_queue_depth{state="pending"}' in after
@@ -380,6 +382,31 @@ def test_metrics_appear_and_move(serve: Proc) -> None:
     # and its images before that, so the response encoded them while the worker stored them
     ahead = "ldserve_images_encoded_ahead_total"
     assert metric(after, ahead) == metric(before, ahead) + 1
+
+
+def test_realized_speedup_of_a_new_shape_is_calibrated_while_idle(serve: Proc) -> None:
+    """A pruned batch of a shape never timed reports no realized speedup (a cold first batch against
+    a warm re-run read 0.6x) and its unpruned timing runs once the worker is idle, not while jobs
+    wait; the next batch of that shape reports one. An unpruned batch does not move the reference."""
+    def scrape() -> str:
+        return httpx.get(f"{serve.url}/metrics", headers=AUTH).text
+
+    body = {"prompt": "shape", "resolution": 512, "aspect_ratio": "2:1", "n": 3, "seed": 1}
+    before = scrape()
+    assert post(serve, "/generate", body).status_code == 200
+    first = scrape()
+    assert metric(first, "ldserve_realized_speedup_count") == metric(before, "ldserve_realized_speedup_count")
+    wait_for(lambda: metric(scrape(), "ldserve_calibration_seconds_total")
+             > metric(before, "ldserve_calibration_seconds_total"), 60, "the idle calibration", serve)
+    calibrated = scrape()
+    assert post(serve, "/generate", {**body, "pruning": "off"}).status_code == 200
+    assert post(serve, "/generate", body).status_code == 200
+    realized = "ldserve_realized_speedup_count"
+    wait_for(lambda: metric(scrape(), realized) == metric(first, realized) + 1, 10, "the realized speedup", serve)
+    second = scrape()
+    calib = "ldserve_calibration_seconds_total"
+    assert metric(second, calib) == metric(calibrated, calib)  # timed once
+    assert serve.log.read_text().count("calibrated unpruned time for 3 image(s)") == 1
 
 
 def test_delivered_sync_jobs_drop_their_images(serve: Proc, rclient: redis.Redis) -> None:
