@@ -329,9 +329,9 @@ class Worker:
             if e.deliveries > self.settings.max_deliveries:
                 reason = f"dead-lettered after {e.deliveries - 1} deliveries (worker lost each time)"
                 log.error("job %s %s", e.job_id, reason)
-                self.queue.dead_letter(e, reason)
                 self.metrics.dead_letters.inc()
-                self.metrics.jobs.labels(status="failed").inc()
+                if self.queue.dead_letter(e, reason):  # (a job canceled meanwhile was counted by the API)
+                    self.metrics.jobs.labels(status="failed").inc()
                 continue
             log.warning("reclaimed job %s (delivery %d)", e.job_id, e.deliveries)
             self.metrics.redeliveries.inc()

@@ -126,10 +126,11 @@ class WorkerQueue:
         err = json.dumps({"message": message, "type": "server_error", "code": code, "param": None})
         return self.finish(entry, status, {"error": err}) is not None
 
-    def dead_letter(self, entry: Entry, reason: str) -> None:
+    def dead_letter(self, entry: Entry, reason: str) -> bool:
+        """To the dead-letter stream, and the job failed; False if it had ended already (canceled)."""
         self.client.xadd(self.keys.dlq, {"job_id": entry.job_id, "entry_id": entry.entry_id, "reason": reason},
                          maxlen=10_000, approximate=True)
-        self.fail(entry, "failed", "dead_lettered", reason)
+        return self.fail(entry, "failed", "dead_lettered", reason)
 
     def add_events(self, events: list[tuple[str, dict[str, Any]]]) -> None:
         """Append (job_id, fields) events to their jobs' event streams, in one round trip."""
