@@ -484,11 +484,13 @@ class Worker:
         flat = [img for imgs in out.images for img in imgs]
         computed = sum(int(i.stats["tokens_computed"]) for i in flat)
         full = sum(int(i.stats["tokens_full"]) for i in flat)
-        job_ids = [h.entry.job_id for h in live]
-        log.info("batch of %d job(s), %d image(s) at %dx%d: %.3f s, tokens %d of %d%s; jobs %s", len(live), images,
+        job_ids = [h.entry.job_id for h in live]  # the jobs it stored (not those canceled mid-batch)
+        stored = len(flat)
+        log.info("batch of %d job(s), %d image(s) at %dx%d: %.3f s, tokens %d of %d%s; jobs %s", len(live), stored,
                  flat[0].width, flat[0].height, out.seconds, computed, full,
                  f", realized speedup {realized:.2f}x" if realized is not None else "", " ".join(job_ids),
-                 extra={"fields": {"job_ids": job_ids, "images": images, "width": flat[0].width,
+                 extra={"fields": {"job_ids": job_ids, "images": stored, "started_images": images,
+                                   "width": flat[0].width,
                                    "height": flat[0].height, "inference_s": round(out.seconds, 4),
                                    "tokens_computed": computed, "tokens_full": full,
                                    "realized_speedup": None if realized is None else round(realized, 3)}})
