@@ -138,15 +138,17 @@ def test_dead_letter_after_max_deliveries(redis_url: str) -> None:
     client.xclaim(keys.stream, keys.group, "dead-2", 0, [client.xpending_range(keys.stream, keys.group, "-", "+", 1)[
         0]["message_id"]])  # a second worker took it and died too
     worker = Worker(settings, client, WorkerMetrics(CollectorRegistry()), consumer="rescuer")
-    import time
-
-    time.sleep(0.15)
-    worker._recover()
-    assert client.hget(keys.job("j1"), "status") == b"failed"
-    err = json.loads(client.hget(keys.job("j1"), "error"))
-    assert err["code"] == "dead_lettered" and "deliveries" in err["message"]
-    assert client.xlen(keys.dlq) == 1 and client.xpending(keys.stream, keys.group)["pending"] == 0
-    assert worker.metrics.dead_letters._value.get() == 1
+    try:
+        time.sleep(0.15)
+        worker._recover()
+        assert client.hget(keys.job("j1"), "status") == b"failed"
+        err = json.loads(client.hget(keys.job("j1"), "error"))
+        assert err["code"] == "dead_lettered" and "deliveries" in err["message"]
+        assert client.xlen(keys.dlq) == 1 and client.xpending(keys.stream, keys.group)["pending"] == 0
+        assert worker.metrics.dead_letters._value.get() == 1
+        assert worker.metrics.jobs.labels(status="failed")._value.get() == 1
+    finally:
+        worker.cancel_watch.close()
 
 
 @pytest.mark.parametrize("strategy", ["rle", "default", "huffman"])
