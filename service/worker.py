@@ -305,20 +305,19 @@ class Worker:
 
     def _read_more(self) -> None:
         """Fill the batch being gathered with entries read one at a time without blocking, stopping
-        after the first whose batch key differs: a worker then holds at most one job it cannot run
-        next, and leaves the rest of the stream to idle workers. It read up to MAX_BATCH_SIZE
+        after the first that does not join it (another batch key, or more images than the room
+        left): a worker then holds at most one job it cannot run next, and leaves the rest of the
+        stream to idle workers. It read up to MAX_BATCH_SIZE
         entries of any key at once before, and ran them one key after another while another worker
         sat idle (fault injection: two jobs waited 12-13 s that way)."""
         limit = self.settings.max_batch_size
-        key = select_batch(self.held, limit)[0][0].spec.batch_key
         while batch_images(select_batch(self.held, limit)[0]) < limit:
             got = self.queue.read_new(self.consumer, 1, None)
             if not got:
                 return
             self._admit(got[0])
-            last = self.held[-1] if self.held else None
-            if last is not None and last.entry is got[0] and last.spec.batch_key != key:
-                return
+            if not any(h.entry is got[0] for h in select_batch(self.held, limit)[0]):
+                return  # of another batch key, or too many images for the room left: the next batch's
 
     def _recover(self) -> None:
         now = time.monotonic()

@@ -386,5 +386,11 @@ def test_worker_holds_at_most_one_job_of_another_batch_key(redis_url: str) -> No
         assert [h.spec.h_div_w for h in w.held] == [1.0, 0.5]  # stopped after the first job of another key
         other = WorkerQueue(redis.Redis.from_url(redis_url), keys, job_ttl_s=60).read_new("w2", 4, None)
         assert len(other) == 2  # the two key-A jobs behind it are left for another worker
+        # same key, but more images than the room left: it is the next batch's, and reading stops there
+        w.held.clear()
+        specs[:] = [spec(3), spec(2), spec(1), spec(1)]
+        asyncio.run(admit())
+        w.step()
+        assert [h.spec.n for h in w.held] == [3, 2]
     finally:
         w.cancel_watch.close()
