@@ -106,19 +106,25 @@ def read_torch(path: Path) -> Any:
             log.warning("%s uses the legacy torch.save format; reading it without mmap", path)
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        # torch words a refused global "Unsupported global: GLOBAL x" or "... unsupported GLOBAL x whose
-        # module is blocked" (os, subprocess, ...); either way, never pass on its advice to load unsafely
-        m = re.search(r"GLOBAL (\S+)", str(e))
-        if m:
-            raise CheckpointError(f"refusing to unpickle {path}: it references {m.group(1)}, which is not a "
+        refused = refused_global(e)
+        if refused:
+            raise CheckpointError(f"refusing to unpickle {path}: it references {refused}, which is not a "
                                   "tensor or plain container (a pickle that would run code)") from e
         raise CheckpointError(f"could not read {path}: not a state dict that loads without running code "
                               "(torch.load weights_only), or a damaged file") from e
     except Exception as e:  # zip, EOF and stream errors of a damaged file
-        raise CheckpointError(f"could not read {path} (corrupted or truncated?): {_first_line(e)}") from e
+        raise CheckpointError(f"could not read {path} (corrupted or truncated?): {first_line(e)}") from e
 
 
-def _first_line(e: BaseException) -> str:
+def refused_global(e: pickle.UnpicklingError) -> str | None:
+    """The global torch.load(weights_only=True) refused, if that is why it failed. torch words it
+    "Unsupported global: GLOBAL x" or "... unsupported GLOBAL x whose module is blocked" (os,
+    subprocess, ...); either way its advice to load unsafely is never passed on."""
+    m = re.search(r"GLOBAL (\S+)", str(e))
+    return m.group(1) if m else None
+
+
+def first_line(e: BaseException) -> str:
     text = str(e).strip()
     return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
 

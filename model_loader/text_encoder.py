@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import pickle
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -21,6 +20,7 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer, T5EncoderModel
 
+from .checkpoint_io import first_line, refused_global
 from .model import TextEncoder
 from .text_cond import TextCond
 from .tiny_t5 import build_tiny_t5, tiny_t5_key
@@ -44,11 +44,6 @@ _TOKENIZER_FILES = ("tokenizer.json", "spiece.model")
 def default_text_dtype(device: torch.device | str) -> torch.dtype:
     """float16 on CUDA (as the official notebooks load T5), float32 elsewhere (fp16 on CPU is very slow)."""
     return torch.float16 if torch.device(device).type == "cuda" else torch.float32
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else ""
 
 
 def _check_local_folder(path: str | os.PathLike[str]) -> Path:
@@ -103,7 +98,7 @@ class T5TextEncoder:
             raise FileNotFoundError(f"could not load the T5 tokenizer from {where!r}: {err}") from err
         except Exception as err:  # noqa: BLE001 - transformers raises anything on a damaged folder
             raise ValueError(f"could not load the T5 tokenizer from {where!r} (tokenizer.json, "
-                             f"tokenizer_config.json): {type(err).__name__}: {_first_line(err)}") from err
+                             f"tokenizer_config.json): {first_line(err)}") from err
         def load(**kw: Any) -> tuple[Any, dict[str, Any]]:
             return T5EncoderModel.from_pretrained(where, dtype=self.dtype, local_files_only=True,
                                                   output_loading_info=True, **kw)
@@ -118,13 +113,12 @@ class T5TextEncoder:
         except OSError as err:
             raise FileNotFoundError(f"could not load the T5 text encoder from {where!r}: {err}") from err
         except pickle.UnpicklingError as err:
-            glob = re.search(r"GLOBAL (\S+)", str(err))
             raise ValueError(f"refusing to unpickle the T5 weights in {where!r}: they reference "
-                             f"{glob.group(1) if glob else 'an object'}, which is not a tensor or plain container "
+                             f"{refused_global(err) or 'an object'}, which is not a tensor or plain container "
                              "(a pickle that would run code)") from err
         except Exception as err:  # noqa: BLE001 - a truncated or damaged weights file
             raise ValueError(f"could not load the T5 text encoder weights in {where!r}: "
-                             f"{type(err).__name__}: {_first_line(err)}") from err
+                             f"{first_line(err)}") from err
         # transformers fills keys missing from the file with random values and only logs it: features
         # from such an encoder are silently wrong, so a missing key is an error (unexpected keys are
         # not: a full T5 checkpoint also holds the decoder, which the encoder does not use)

@@ -68,6 +68,8 @@ def _exit_on_signal(sig: int, _frame: Any) -> None:
 
 
 def serve(s: ServiceSettings) -> None:
+    from model_loader.checkpoint_report import CheckpointError
+
     from .embedded_redis import EmbeddedRedis
     from .main import create_app
     from .metrics import ApiMetrics, WorkerMetrics
@@ -87,17 +89,21 @@ def serve(s: ServiceSettings) -> None:
         server = _Server(_uvicorn_config(app, s), on_exit=lambda: setattr(app.state, "draining", True))
         failed: list[BaseException] = []
 
+        def stop_serving(why: BaseException) -> None:
+            """A part of this process's service is gone: the API stops, and the process exits 1."""
+            failed.append(why)
+            app.state.draining = True
+            server.should_exit = True
+
         def run_worker() -> None:
             """The worker's end ends the process: a model that fails to load (a missing file, a
             checkpoint that does not match) must not leave an API up that is never ready."""
             try:
                 worker.run()
             except BaseException as e:  # noqa: BLE001 - reported below, after the API stopped
-                failed.append(e)
-                expected = isinstance(e, (ValueError, OSError)) or type(e).__name__ == "CheckpointError"
+                expected = isinstance(e, (ValueError, OSError, CheckpointError))
                 log.critical("worker failed, ldserve serve stops: %s: %s", type(e).__name__, e, exc_info=not expected)
-                app.state.draining = True
-                server.should_exit = True
+                stop_serving(e)
 
         def watch_embedded_redis() -> None:
             """The embedded redis-server is part of this process's service: if it dies, every request
@@ -107,10 +113,8 @@ def serve(s: ServiceSettings) -> None:
                 if proc is None:
                     return
                 if proc.poll() is not None:
-                    failed.append(RuntimeError(f"the embedded redis-server exited (code {proc.returncode})"))
                     log.critical("the embedded redis-server exited (code %s); ldserve serve stops", proc.returncode)
-                    app.state.draining = True
-                    server.should_exit = True
+                    stop_serving(RuntimeError(f"the embedded redis-server exited (code {proc.returncode})"))
                     worker.stop()
                     return
                 time.sleep(0.5)

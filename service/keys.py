@@ -31,6 +31,9 @@ REDIS_SOCKET_TIMEOUT_S = 30.0
 stream's XREAD waits up to 15 s, a worker's XREADGROUP up to ``block_ms`` <= 10 s). redis-py 8's
 default is 5 s, which cut every event stream whose job was quiet for 5 s."""
 REDIS_CONNECT_TIMEOUT_S = 5.0
+REDIS_CLIENT_OPTIONS = {"health_check_interval": 30, "socket_timeout": REDIS_SOCKET_TIMEOUT_S,
+                        "socket_connect_timeout": REDIS_CONNECT_TIMEOUT_S}
+"""Options of every Redis client of the service (the API's async one, the worker's)."""
 
 _NOW = "local t = redis.call('TIME'); local now = t[1] * 1000 + math.floor(t[2] / 1000)\n"
 

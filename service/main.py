@@ -16,7 +16,7 @@ from . import __version__
 from .api import docs, errors
 from .api.middleware import RequestMiddleware
 from .api.routes import protected, public
-from .keys import REDIS_CONNECT_TIMEOUT_S, REDIS_SOCKET_TIMEOUT_S, Keys
+from .keys import REDIS_CLIENT_OPTIONS, Keys
 from .metrics import ApiMetrics
 from .queue import JobQueue, LocalResults, Notifier, ensure_group
 from .settings import ServiceSettings
@@ -40,9 +40,7 @@ def create_app(settings: ServiceSettings, *, metrics: ApiMetrics | None = None,
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        client = aredis.Redis.from_url(settings.redis_url, health_check_interval=30,
-                                       socket_timeout=REDIS_SOCKET_TIMEOUT_S,
-                                       socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S)
+        client = aredis.Redis.from_url(settings.redis_url, **REDIS_CLIENT_OPTIONS)
         keys = Keys(settings.key_prefix)
         app.state.queue = JobQueue(client, keys, max_len=settings.max_queue_len, job_ttl_s=settings.job_ttl_s,
                                    worker_stale_s=settings.heartbeat_stale_s)

@@ -27,7 +27,7 @@ import redis
 from . import __version__
 from .batching import Held, batch_images, select_batch, should_dispatch
 from .engine_client import BatchAbandoned, BatchOut, EngineClient, ImageOut
-from .keys import REDIS_CONNECT_TIMEOUT_S, REDIS_SOCKET_TIMEOUT_S, Keys
+from .keys import REDIS_CLIENT_OPTIONS, Keys
 from .metrics import WorkerMetrics
 from .queue import LocalResults
 from .settings import ServiceSettings
@@ -507,5 +507,4 @@ def result_doc(spec: JobSpec, width: int, height: int, *, queue_wait_s: float, i
 
 def worker_client(settings: ServiceSettings) -> redis.Redis:
     assert settings.redis_url is not None
-    return redis.Redis.from_url(settings.redis_url, health_check_interval=30, socket_timeout=REDIS_SOCKET_TIMEOUT_S,
-                                socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S)
+    return redis.Redis.from_url(settings.redis_url, **REDIS_CLIENT_OPTIONS)
