@@ -154,10 +154,11 @@ def generate(model: InfinityModel, text: TextCond, grids: tuple[tuple[int, int],
     ``preview(samples)`` decodes those samples' codes summed so far, uint8 (len(samples), H, W, 3) on
     the CPU (progress events and partial images; its time counts in no scale's wall time; the images
     are unchanged by it). An exception it raises ends the generation there.
-    ``stopped()``: asked before every scale and before the final decode, the samples nobody waits
-    for any more (their requests were canceled): their rows leave the batch (as stopped uncond rows
-    do), so the others run as if they had been alone, and they are not decoded (their images stay
-    zero, their statistics end where they stopped).
+    ``stopped()``: asked before every scale and during the final decode (before each image and
+    between the decoder's blocks), the samples nobody waits for any more (their requests were
+    canceled): their rows leave the batch (as stopped uncond rows do), so the others run as if they
+    had been alone, and they are not decoded further (their images are zero, their statistics end
+    where they stopped).
     """
     tf, preset, dev = model.transformer, model.preset, model.device
     b, patchify, vs, nbits = text.batch_size, preset.spatial_patchify, preset.vae_scale, preset.vae.codebook_bits
@@ -229,14 +230,30 @@ def generate(model: InfinityModel, text: TextCond, grids: tuple[tuple[int, int],
         for (si, grid, keep, rows_si), wall in zip(records, walls, strict=True):
             _record(stats, tf.cfg, si, grid, keep, rows_si, params, keys_done, offsets[si + 1], text_len_B, wall)
         dropped |= set(stopped()) if stopped is not None else set()
-        if not dropped:
+        if stopped is None:
             images = image_to_uint8(model.vae.decode(summed)).cpu()
         else:
-            images = torch.zeros(b, *image_size(tuple(grids), preset.pixels_per_token), 3, dtype=torch.uint8)
-            decode = [s for s in range(b) if s not in dropped]
-            if decode:
-                images[decode] = image_to_uint8(model.vae.decode(summed[decode])).cpu()
+            images = _decode_unless_stopped(model, summed, dropped, stopped, image_size(tuple(grids),
+                                                                                       preset.pixels_per_token))
     return LoopOutput(images, stats, summed.float().cpu(), [b.cpu() for b in out_bits], dropped)
+
+
+def _decode_unless_stopped(model: InfinityModel, summed_BDhw: torch.Tensor, dropped: set[int],
+                           stopped: Callable[[], Collection[int]], size_HW: tuple[int, int]) -> torch.Tensor:
+    """The final decode, image by image (as ``BSQVAE.decode``), asking ``stopped()`` before each image
+    and between the decoder's blocks: a sample stopped meanwhile is not decoded further. Samples
+    stopped by the end join ``dropped`` (all of a canceled request's, also those decoded before
+    its cancel) and are zeros. uint8 (B, H, W, 3) on the CPU."""
+    images = torch.zeros(summed_BDhw.shape[0], *size_HW, 3, dtype=torch.uint8)
+    for s in range(summed_BDhw.shape[0]):
+        if s in dropped:
+            continue
+        img = model.vae.decode_one(summed_BDhw[s:s + 1], lambda s=s: s in set(stopped()))
+        if img is not None:
+            images[s] = image_to_uint8(img)[0].cpu()
+    dropped |= set(stopped())
+    images[sorted(dropped)] = 0
+    return images
 
 
 _DROPPED = ScalePlan(keep_idx_K=None, run_uncond=False)

@@ -40,7 +40,8 @@ class BatchAbandoned(Exception):  # noqa: N818 - a control-flow signal, not an e
     """Raised between scales when every job of the batch was canceled: the rest is not computed."""
 
     def __init__(self, scales_done: int, scales: int) -> None:
-        super().__init__(f"abandoned after scale {scales_done} of {scales}")
+        super().__init__(f"abandoned after scale {scales_done} of {scales}"
+                         + (" (during the final decode)" if scales_done == scales else ""))
         self.scales_done = scales_done
         self.scales = scales
 

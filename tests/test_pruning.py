@@ -391,7 +391,7 @@ def test_stopped_samples_leave_the_batch_and_the_others_run_as_alone(model):
         return {1} if len(asked) > 3 else set()
 
     out = generate(model, text, GRIDS, params, pol(), stopped=stop_1_after_3)
-    assert len(asked) == len(GRIDS) + 1  # before every scale and before the decode
+    assert len(asked) > len(GRIDS) + 1  # before every scale, before the decode, and during it
     for s in (0, 2):
         assert torch.equal(out.images_BHW3[s], full.images_BHW3[s]), f"sample {s}"
         assert out.stats[s].tokens_computed == full.stats[s].tokens_computed
@@ -402,6 +402,43 @@ def test_stopped_samples_leave_the_batch_and_the_others_run_as_alone(model):
     assert ran[:3] == [sc.tokens_computed for sc in full.stats[1].scales][:3] and not any(ran[3:])
     gone = generate(model, text, GRIDS, params, pol(), stopped=lambda: {0, 1, 2})
     assert not gone.images_BHW3.any() and all(st.tokens_computed == 0 for st in gone.stats)
+
+
+def test_a_sample_stopped_during_the_final_decode_stops_there(model):
+    """The final decode asks ``stopped()`` before each image and between the decoder's blocks: a
+    sample canceled mid-decode is not decoded further (its image zero, it counts as stopped), the
+    others' images are unchanged; one canceled after its own decode ended counts as stopped too."""
+    params, text = PARAMS[:3], _text(3, seed=9)
+    full = generate(model, text, GRIDS, params, [NoPruning() for _ in params])
+    scales = len(GRIDS) + 1  # asks before the decode began
+    for target, after in ((0, scales + 1), (1, scales + 2), (0, None)):
+        asked: list[int] = []
+
+        def stop(target: int = target, after: int | None = after, asked: list[int] = asked) -> set[int]:
+            asked.append(1)
+            return {target} if after is not None and len(asked) > after else set()
+
+        out = generate(model, text, GRIDS, params, [NoPruning() for _ in params], stopped=stop)
+        if after is None:  # never stopped: every image as the batched decode makes it
+            assert torch.equal(out.images_BHW3, full.images_BHW3) and not out.stopped
+            continue
+        assert out.stopped == {target}
+        assert not out.images_BHW3[target].any()
+        for s in set(range(3)) - {target}:
+            assert torch.equal(out.images_BHW3[s], full.images_BHW3[s]), f"sample {s}"
+    last = []
+
+    def stop_at_the_end() -> set[int]:  # the cancel lands after every image was decoded
+        last.append(1)
+        return {2} if len(last) == len(asked) else set()
+
+    out = generate(model, text, GRIDS, params, [NoPruning() for _ in params], stopped=stop_at_the_end)
+    assert out.stopped == {2} and not out.images_BHW3[2].any()
+    assert torch.equal(out.images_BHW3[:2], full.images_BHW3[:2])
+    with torch.inference_mode():  # the decoder itself
+        summed = torch.randn(1, model.vae.bits, *GRIDS[-1])
+        assert model.vae.decode_one(summed, lambda: True) is None
+        assert torch.equal(model.vae.decode_one(summed, lambda: False), model.vae.decode(summed))
 
 
 def test_absolute_scale_sets_past_the_schedule_are_refused(model):
