@@ -25,6 +25,15 @@ class Keys:
     def idem(self, key: str) -> str:
         return f"{self.prefix}:idem:{hashlib.sha256(key.encode()).hexdigest()}"
 
+    @property
+    def api_lease_prefix(self) -> str:
+        return f"{self.prefix}:api:"
+
+    def api_lease(self, instance: str) -> str:
+        """Exists while the API process ``instance`` runs (``ApiLease``): the owner of the jobs its
+        synchronous and streaming clients wait on."""
+        return self.api_lease_prefix + instance
+
 
 REDIS_SOCKET_TIMEOUT_S = 30.0
 """Socket timeout of every Redis client of the service: above its longest blocking call (an event
@@ -47,8 +56,11 @@ redis.call('XADD', KEYS[3], 'MAXLEN', '~', '""" + str(EVENTS_MAXLEN) + """', '*'
 redis.call('EXPIRE', KEYS[3], ttl)
 """
 
-# KEYS: stream, job, idem ; ARGV: max_len, trim_len, job_id, spec, timeout_ms, ttl, payload_hash, idem_ttl, use_idem
-# The stream entry carries the spec too (~0.5 KB), so a worker need not read it from the job hash.
+# KEYS: stream, job, idem ; ARGV: max_len, trim_len, job_id, spec, timeout_ms, ttl, payload_hash, idem_ttl, use_idem,
+# job key prefix, owner ('' none: an API instance whose client waits on the job), its lease key, lease ms
+# (an owner is alive as it enqueues: its lease is set here too, so a Redis that came back empty
+# cannot cancel the jobs it admits before its next renewal; ``ApiLease``)
+# The stream entry carries the spec (~0.5 KB) and owner too, so a worker need not read the job hash.
 ENQUEUE = _NOW + """
 if ARGV[9] == '1' then
   local existing = redis.call('GET', KEYS[3])
@@ -67,11 +79,12 @@ if depth >= tonumber(ARGV[1]) then return {'full', tostring(depth), ''} end
 local deadline = 0
 if tonumber(ARGV[5]) > 0 then deadline = now + tonumber(ARGV[5]) end
 local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'job_id', ARGV[3], 'deadline_ms', deadline,
-                      'spec', ARGV[4])
+                      'spec', ARGV[4], 'owner', ARGV[11])
 redis.call('HSET', KEYS[2], 'status', 'queued', 'created_ms', now, 'deadline_ms', deadline, 'spec', ARGV[4],
-           'entry_id', id)
+           'entry_id', id, 'owner', ARGV[11])
 redis.call('EXPIRE', KEYS[2], ARGV[6])
 if ARGV[9] == '1' then redis.call('SET', KEYS[3], ARGV[3] .. ' ' .. ARGV[7], 'EX', ARGV[8]) end
+if ARGV[11] ~= '' then redis.call('SET', ARGV[12], '1', 'PX', ARGV[13]) end
 return {'ok', id, ''}
 """
 
@@ -111,13 +124,24 @@ redis.call('HSET', KEYS[1], 'images_dropped', '1')
 return 1
 """
 
-# KEYS: job ; ARGV: consumer -> {status, now, deadline_ms} ; queued/processing -> processing unless expired
+# KEYS: job, stream, job events ; ARGV: consumer, api lease prefix, events channel, job_id, owner_gone error
+# -> {status, now, deadline_ms} ; queued/processing -> processing unless expired, or canceled here
+# ('owner_gone') when the API process whose client waits on it no longer holds its lease
 START = _NOW + """
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then return {'missing', now, 0} end
 local deadline = tonumber(redis.call('HGET', KEYS[1], 'deadline_ms') or '0')
 if (st == 'queued' or st == 'processing') and deadline > 0 and now > deadline then
   return {'past_deadline', now, deadline}
+end
+local owner = redis.call('HGET', KEYS[1], 'owner')
+if (st == 'queued' or st == 'processing') and owner and owner ~= ''
+    and redis.call('EXISTS', ARGV[2] .. owner) == 0 then
+  redis.call('HSET', KEYS[1], 'status', 'canceled', 'completed_ms', now, 'error', ARGV[5])
+  redis.call('PUBLISH', ARGV[3], ARGV[4])
+  local status, ttl = 'canceled', redis.call('TTL', KEYS[1])
+  if ttl > 0 then """ + _END_EVENT + """ end
+  return {'owner_gone', now, deadline}
 end
 if st == 'queued' or st == 'processing' then
   redis.call('HSET', KEYS[1], 'status', 'processing', 'started_ms', now, 'worker', ARGV[1])

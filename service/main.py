@@ -18,7 +18,7 @@ from .api.middleware import RequestMiddleware
 from .api.routes import protected, public
 from .keys import REDIS_CLIENT_OPTIONS, Keys
 from .metrics import ApiMetrics
-from .queue import JobQueue, LocalResults, Notifier, ensure_group
+from .queue import ApiLease, JobQueue, LocalResults, Notifier, ensure_group
 from .settings import ServiceSettings
 
 log = logging.getLogger(__name__)
@@ -42,20 +42,23 @@ def create_app(settings: ServiceSettings, *, metrics: ApiMetrics | None = None,
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         client = aredis.Redis.from_url(settings.redis_url, **REDIS_CLIENT_OPTIONS)
         keys = Keys(settings.key_prefix)
+        lease = ApiLease(client, keys, settings.api_lease_s)
         app.state.queue = JobQueue(client, keys, max_len=settings.max_queue_len, job_ttl_s=settings.job_ttl_s,
-                                   worker_stale_s=settings.heartbeat_stale_s)
+                                   worker_stale_s=settings.heartbeat_stale_s, lease=lease)
         app.state.notifier = Notifier(client, app.state.queue, local_results,
                                       on_local_read=api_metrics.results_in_process.inc)
         try:
             await ensure_group(client, keys)
         except Exception as e:  # noqa: BLE001 - start anyway; readiness reports Redis down
             log.warning("could not create the consumer group yet: %s", e)
+        await lease.start()
         app.state.notifier.start()
         try:
             yield
         finally:
             app.state.draining = True
             await app.state.notifier.stop()
+            await lease.stop()
             await client.aclose()
 
     app = FastAPI(title="ldserve", version=__version__, description=DESCRIPTION, lifespan=lifespan,

@@ -97,9 +97,11 @@ class JobQueue:
     """Async queue client used by the API process."""
 
     def __init__(self, client: aredis.Redis, keys: Keys, *, max_len: int, job_ttl_s: int,
-                 worker_stale_s: float = 10.0) -> None:
-        """``worker_stale_s``: a worker whose heartbeat is older counts as gone (``retry_after``)."""
+                 worker_stale_s: float = 10.0, lease: ApiLease | None = None) -> None:
+        """``worker_stale_s``: a worker whose heartbeat is older counts as gone (``retry_after``).
+        ``lease``: this API process's, which the jobs its clients wait on name as their owner."""
         self.client = client
+        self.lease = lease
         self.worker_stale_s = worker_stale_s
         self.keys = keys
         self.max_len = max_len
@@ -111,15 +113,18 @@ class JobQueue:
         self._url_key: bytes | None = None
 
     async def enqueue(self, spec: JobSpec, *, timeout_s: float | None, idempotency_key: str | None,
-                      drawn_seeds: bool = False) -> tuple[str, bool]:
+                      drawn_seeds: bool = False, owned: bool = False) -> tuple[str, bool]:
         """Returns (job_id, created). Raises QueueFull or IdempotencyMismatch. ``drawn_seeds``: the
-        spec's seeds were drawn by the server (``JobSpec.payload_hash``)."""
+        spec's seeds were drawn by the server (``JobSpec.payload_hash``). ``owned``: only the client
+        of this request, connected to this process, reads the job (synchronous or streamed, no
+        Idempotency-Key): workers drop it if this process dies first (``ApiLease``)."""
         job_id = uuid.uuid4().hex
         phash = spec.payload_hash(drawn_seeds=drawn_seeds)
         idem = self.keys.idem(idempotency_key) if idempotency_key else self.keys.job("none")
         timeout_ms = int(timeout_s * 1000) if timeout_s else 0
         args = [self.max_len, max(1000, 10 * self.max_len), job_id, spec.model_dump_json(), timeout_ms,
-                self.job_ttl_s, phash, IDEM_TTL_S, "1" if idempotency_key else "0", self.keys.job("")]
+                self.job_ttl_s, phash, IDEM_TTL_S, "1" if idempotency_key else "0", self.keys.job(""),
+                *self._owner(owned)]
         kind, a, b = await self._enqueue(keys=[self.keys.stream, self.keys.job(job_id), idem], args=args)
         kind = kind.decode()
         if kind == "full":
@@ -129,6 +134,12 @@ class JobQueue:
                 raise IdempotencyMismatch("Idempotency-Key was used with a different request body")
             return a.decode(), False
         return job_id, True
+
+    def _owner(self, owned: bool) -> list[str | int]:
+        """ENQUEUE's owner arguments: the instance, its lease key and lease in ms (or none)."""
+        if not owned or self.lease is None:
+            return ["", "", 0]
+        return [self.lease.instance, self.keys.api_lease(self.lease.instance), self.lease.ttl_ms]
 
     async def retry_after(self, depth: int) -> int:
         workers = await self.workers()
@@ -198,6 +209,55 @@ class JobQueue:
             w["age_s"] = max(0.0, now - w["ts"])
             out.append(w)
         return out
+
+
+class ApiLease:
+    """This API process's key in Redis (``Keys.api_lease``), set for ``ttl_s`` and renewed every
+    third of it while the process runs, deleted when it stops. A job that only this process's
+    client will read (``JobQueue.enqueue(owned=True)``) names it as owner; once the key is gone
+    (the process was SIGKILLed, OOM-killed, lost with its node: its clients' connections with it),
+    workers drop the job before the GPU (START) or stop it between scales (their heartbeat looks),
+    instead of running it for nobody. ENQUEUE sets the key too (the process is alive as it
+    enqueues), so a Redis that came back empty (a flush, a restart without persistence) does not
+    cancel the jobs admitted before the next renewal. A Redis outage longer than ``ttl_s`` can
+    still let the key lapse while the process lives: the jobs it admitted before then end
+    ``canceled`` (code ``owner_gone``) if a worker starts them before the next renewal."""
+
+    def __init__(self, client: aredis.Redis, keys: Keys, ttl_s: float) -> None:
+        self.client, self.keys, self.ttl_s = client, keys, ttl_s
+        self.instance = uuid.uuid4().hex[:16]
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def ttl_ms(self) -> int:
+        return max(1, int(self.ttl_s * 1000))
+
+    async def renew(self) -> None:
+        await self.client.set(self.keys.api_lease(self.instance), "1", px=self.ttl_ms)
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.ttl_s / 3)
+            try:
+                await self.renew()
+            except RedisError as e:
+                log.warning("could not renew the API lease: %s", e)
+
+    async def start(self) -> None:
+        try:
+            await self.renew()
+        except RedisError as e:  # start anyway (readiness reports Redis down); the loop retries
+            log.warning("could not take the API lease yet: %s", e)
+        self._task = asyncio.create_task(self._loop(), name="ldserve-api-lease")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        try:
+            await self.client.delete(self.keys.api_lease(self.instance))
+        except RedisError as e:
+            log.warning("could not release the API lease: %s", e)
 
 
 LOCAL_HANDOVER_WAIT_S = 0.05

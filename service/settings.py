@@ -39,6 +39,11 @@ class ServiceSettings(BaseSettings):
     max_deliveries: int = Field(3, ge=1, le=100)
     heartbeat_s: float = Field(1.0, gt=0, le=60)
     heartbeat_stale_s: float = Field(10.0, gt=0)
+    api_lease_s: float = Field(15.0, ge=1, le=600)
+    """An API process keeps a key in Redis while it runs (renewed every third of this). The jobs only
+    its clients read (synchronous or streamed, without Idempotency-Key) name it; once it lapses (the
+    process died) workers drop them before the GPU, or stop them between scales, instead of running
+    them for nobody. A Redis outage longer than this can cancel such jobs of a live process."""
 
     # model and worker
     model_preset: str = "demo"

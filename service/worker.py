@@ -154,6 +154,8 @@ class Worker:
         self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.engine: EngineClient | None = None
         self.held: list[Held] = []
+        self.running: list[Held] = []
+        """The batch on the device (its jobs' owners are checked every heartbeat)."""
         self.owned: dict[str, Entry] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -262,6 +264,7 @@ class Worker:
         while not self._hb_stop.wait(self.settings.heartbeat_s):
             try:
                 self._beat()
+                self._stop_orphans()
                 if time.monotonic() - pruned_at > PRUNE_EVERY_S:
                     pruned_at = time.monotonic()
                     gone = self.queue.prune(self.consumer, max(PRUNE_AFTER_MIN_S, 6 * self.settings.heartbeat_stale_s))
@@ -277,6 +280,18 @@ class Worker:
         self.queue.heartbeat(self.consumer, {"ready": self.serving,
                                              "model": self.settings.model_preset, "pid": os.getpid(),
                                              "s_per_image": self.s_per_image, "held": len(ids)})
+
+    def _stop_orphans(self) -> None:
+        """Jobs of the running batch whose API process is gone (``ApiLease``: their clients went with
+        it) end canceled; CancelWatch hears it, and the engine drops their samples at the next scale."""
+        with self._lock:
+            running = list(self.running)
+        gone = self.queue.gone_owners({h.entry.owner for h in running if h.entry.owner})
+        for h in running:
+            if h.entry.owner in gone and self.queue.cancel_orphan(h.entry.job_id):
+                log.warning("job %s canceled: the API process %s waiting for it is gone", h.entry.job_id,
+                            h.entry.owner)
+                self.metrics.jobs.labels(status="canceled").inc()
 
     # ---- claiming --------------------------------------------------------------------------
     def step(self) -> None:
@@ -361,6 +376,8 @@ class Worker:
         self.cancel_watch.restrict([h.entry.job_id for h in live])
         images = batch_images(live)
         self.metrics.in_flight.set(images)
+        with self._lock:
+            self.running = live
 
         def events(rows: list[tuple[int, dict[str, Any]]]) -> None:  # (job index in the batch, fields)
             self.events.put([(live[j].entry.job_id, fields) for j, fields in rows])
@@ -370,6 +387,8 @@ class Worker:
             try:
                 out = self.engine.generate([h.spec for h in live], events, ended=self._scale_done(live))
             finally:  # before any job of the batch ends: its end entry follows its last progress
+                with self._lock:
+                    self.running = []
                 self.metrics.in_flight.set(0)
                 self.events.flush()
                 self.cancel_watch.end()
@@ -421,6 +440,12 @@ class Worker:
         if status == "past_deadline":
             msg = "the job's deadline passed before it reached the GPU"
             self._end(h, "expired", self.queue.fail(h.entry, "expired", "deadline_exceeded", msg))
+        elif status == "owner_gone":  # START canceled it: nobody is left to read it
+            log.warning("dropping job %s before the GPU: the API process %s waiting for it is gone",
+                        h.entry.job_id, h.entry.owner)
+            self.metrics.jobs.labels(status="canceled").inc()
+            self.queue.finish(h.entry, "canceled", {})
+            self._release(h.entry)
         else:
             log.info("dropping job %s (%s) before the GPU", h.entry.job_id, status)
             self.queue.finish(h.entry, status, {})

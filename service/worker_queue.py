@@ -11,10 +11,12 @@ from typing import Any
 import redis
 from redis.exceptions import ResponseError
 
-from .keys import EVENTS_MAXLEN, FINISH, START, Keys
+from .keys import EVENTS_MAXLEN, FINISH, START, TERMINATE, Keys
 from .spec import JobSpec
 
 log = logging.getLogger(__name__)
+OWNER_GONE_ERROR = json.dumps({"message": "the API process whose client waited for this job is gone",
+                               "type": "server_error", "param": None, "code": "owner_gone"})
 
 
 @dataclass
@@ -30,14 +32,17 @@ class Entry:
     """Redis clock when the job was marked processing."""
     spec_json: bytes | None = None
     """The job's spec as the entry carries it (entries written before it did: None)."""
+    owner: str | None = None
+    """The API process whose client alone waits on the job (``Keys.api_lease``), if any."""
 
 
 def _entry(eid: bytes, fields: dict[bytes, bytes] | None, deliveries: int = 1) -> Entry | None:
     if not fields or b"job_id" not in fields:
         return None
     e = eid.decode()
+    owner = fields.get(b"owner")
     return Entry(e, fields[b"job_id"].decode(), deliveries, time.monotonic(), int(e.split("-")[0]),
-                 spec_json=fields.get(b"spec"))
+                 spec_json=fields.get(b"spec"), owner=owner.decode() if owner else None)
 
 
 class WorkerQueue:
@@ -48,6 +53,7 @@ class WorkerQueue:
         self._claim_cursor = "0-0"
         self._start = client.register_script(START)
         self._finish = client.register_script(FINISH)
+        self._terminate = client.register_script(TERMINATE)
 
     def ensure_group(self) -> None:
         try:
@@ -93,9 +99,29 @@ class WorkerQueue:
             self.client.xclaim(self.keys.stream, self.keys.group, consumer, 0, entry_ids, justid=True)
 
     def start(self, job_id: str, consumer: str) -> tuple[str, int, int]:
-        """(status, now_ms, deadline_ms); status 'processing' means run it."""
-        st, now, deadline = self._start(keys=[self.keys.job(job_id)], args=[consumer])
+        """(status, now_ms, deadline_ms); status 'processing' means run it; 'owner_gone': START
+        canceled it, the API process its client waited on being gone."""
+        st, now, deadline = self._start(
+            keys=[self.keys.job(job_id), self.keys.stream, self.keys.job_events(job_id)],
+            args=[consumer, self.keys.api_lease_prefix, self.keys.events, job_id, OWNER_GONE_ERROR])
         return st.decode(), int(now), int(deadline)
+
+    def gone_owners(self, owners: set[str]) -> set[str]:
+        """Which of these API processes no longer hold their lease."""
+        if not owners:
+            return set()
+        names = sorted(owners)
+        pipe = self.client.pipeline(transaction=False)
+        for o in names:
+            pipe.exists(self.keys.api_lease(o))
+        return {o for o, n in zip(names, pipe.execute(), strict=True) if not n}
+
+    def cancel_orphan(self, job_id: str) -> bool:
+        """End a running job whose owner is gone as canceled (``owner_gone``); its id is published
+        as any cancel's, so the worker's CancelWatch stops it between scales. False if it had ended."""
+        prev = self._terminate(keys=[self.keys.job(job_id), self.keys.stream, self.keys.job_events(job_id)],
+                               args=["canceled", OWNER_GONE_ERROR, self.keys.events, job_id])
+        return prev in (b"queued", b"processing")
 
     def spec(self, entry: Entry) -> JobSpec:
         """From the entry, else (an entry without one) from the job hash: KeyError if it expired."""

@@ -132,7 +132,7 @@ async def submit(spec: JobSpec, *, prefer: str | None, idem: str | None, cancel_
     try:
         t = time.perf_counter()
         job_id, _created = await queue.enqueue(spec, timeout_s=timeout, idempotency_key=idem,
-                                                  drawn_seeds=drawn_seeds)
+                                                  drawn_seeds=drawn_seeds, owned=not is_async and idem is None)
         t = timing.add("enqueue", t)
     except QueueFull as e:
         raise ApiError(429, f"the queue is full ({e.depth} jobs); retry later", code="queue_full",
