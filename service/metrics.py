@@ -80,8 +80,9 @@ class WorkerMetrics:
         self.queue_wait = h("queue_wait_seconds", "Enqueue to GPU start (Redis clock)", LATENCY_BUCKETS)
         self.inference = h("inference_duration_seconds", "GPU time per batch", LATENCY_BUCKETS)
         self.batch_size = h("batch_size", "Images per GPU batch", BATCH_BUCKETS)
-        self.kept_fraction = h("kept_fraction", "Fraction of tokens computed at each scale", FRACTION_BUCKETS,
-                               ["scale"])
+        self.kept_fraction = h("kept_fraction", "Fraction of tokens computed at each scale, labelled by its place "
+                               "from the end (last, last-1, ...: LHEP's detail scales share labels at every "
+                               "resolution)", FRACTION_BUCKETS, ["scale"])
         self.uncond_stop_scale = h("uncond_stop_scale", "Scale at which SATS stopped the unconditional branch",
                                    STOP_SCALE_BUCKETS)
         self.ideal_speedup = h("ideal_speedup", "Full / executed transformer FLOPs per image", SPEEDUP_BUCKETS)
@@ -119,13 +120,22 @@ class WorkerMetrics:
         self.tokens_full.inc(stats["tokens_full"])
         if not pruned:
             return
-        for idx, frac in enumerate(stats["kept_fraction_per_scale"]):
-            self.kept_fraction.labels(scale=str(idx)).observe(frac)
+        fractions = stats["kept_fraction_per_scale"]
+        for idx, frac in enumerate(fractions):
+            self.kept_fraction.labels(scale=scale_from_end(idx, len(fractions))).observe(frac)
         stop = stats["uncond_stop_scale"]
         self.uncond_stop.labels(stopped="true" if stop is not None else "false" if guided else "no_branch").inc()
         if stop is not None:
             self.uncond_stop_scale.observe(stop)
         self.ideal_speedup.observe(stats["ideal_speedup"])
+
+
+def scale_from_end(idx: int, scales: int) -> str:
+    """``last``, ``last-1``, ...: a scale's label by its place from the end of its schedule. By index,
+    the 13 scales of a 1024-px schedule and the 10 of a 512-px one mixed under one label (scale 9
+    was the last of one and a middle scale of the other)."""
+    back = scales - 1 - idx
+    return "last" if back == 0 else f"last-{back}"
 
 
 class Timer:

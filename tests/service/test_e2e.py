@@ -375,7 +375,9 @@ def test_metrics_appear_and_move(serve: Proc) -> None:
     assert 'ldserve_queue_depth{state="waiting"}' in after and 'ldserve_queue_depth{state="pending"}' in after
     assert metric(after, "ldserve_workers_ready") == 1 and metric(after, "ldserve_realized_speedup_count") >= 1
     assert 'ldserve_model_info{device="cpu",dtype="float32",model="tiny-2b"' in after
-    assert 'ldserve_kept_fraction_bucket{le="0.05",scale="6"}' in after
+    # by place from the end: the 7 scales of this 256 px schedule are last-6 ... last
+    assert 'ldserve_kept_fraction_bucket{le="0.05",scale="last"}' in after
+    assert 'ldserve_kept_fraction_bucket{le="0.05",scale="last-6"}' in after and 'scale="6"' not in after
     assert metric(after, "ldserve_requests_in_flight") == 0
     # the in-process worker handed the result over (no read back from Redis; split mode: test_split)
     assert metric(after, "ldserve_results_in_process_total") == metric(before, "ldserve_results_in_process_total") + 1

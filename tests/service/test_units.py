@@ -394,3 +394,22 @@ def test_worker_holds_at_most_one_job_of_another_batch_key(redis_url: str) -> No
         assert [h.spec.n for h in w.held] == [3, 2]
     finally:
         w.cancel_watch.close()
+
+
+def test_kept_fraction_is_labelled_by_place_from_the_end() -> None:
+    """A 256 px (7 scales) and a 512 px (10 scales) image of tiny-2b: their last scales share a label
+    (by index, scale 6 was the last of one and a middle scale of the other)."""
+    from model_loader.schedules import scale_schedule
+
+    registry = CollectorRegistry()
+    m = WorkerMetrics(registry)
+    for pn, kept_last in (("0.06M", 0.25), ("0.25M", 0.75)):
+        n = len(scale_schedule(1.0, pn))
+        m.record_sample({"tokens_computed": 1, "tokens_full": 2, "uncond_stop_scale": None, "ideal_speedup": 2.0,
+                         "kept_fraction_per_scale": [1.0] * (n - 1) + [kept_last]})
+
+    def sample(scale: str, suffix: str = "_count") -> float | None:
+        return registry.get_sample_value(f"ldserve_kept_fraction{suffix}", {"scale": scale})
+
+    assert sample("last") == 2 and sample("last", "_sum") == 1.0
+    assert sample("last-6") == 2 and sample("last-9") == 1 and sample("6") is None
