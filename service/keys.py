@@ -88,9 +88,11 @@ if ARGV[11] ~= '' then redis.call('SET', ARGV[12], '1', 'PX', ARGV[13]) end
 return {'ok', id, ''}
 """
 
-# KEYS: job, stream, job events ; ARGV: new_status, error_json, events_channel, job_id -> previous status or nil
-# A queued job's stream entry is deleted at once so it stops counting against max_queue_len;
-# if a worker already read it, the worker's START sees the terminal status and acks it.
+# KEYS: job, stream, job events ; ARGV: new_status, error_json, events_channel, job_id, group -> previous status
+# or nil. A queued job's stream entry nobody read yet is deleted at once, so it stops counting against
+# max_queue_len; one a worker read already stays until that worker's START sees the terminal status
+# and acks and deletes it (deleted here, it left XLEN but not the group's pending list, and the
+# waiting count, XLEN - pending, read one job short until then).
 TERMINATE = _NOW + """
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then return false end
@@ -102,7 +104,10 @@ if st == 'queued' or st == 'processing' then
 end
 if st == 'queued' then
   local eid = redis.call('HGET', KEYS[1], 'entry_id')
-  if eid then redis.call('XDEL', KEYS[2], eid) end
+  if eid then
+    local ok, read = pcall(redis.call, 'XPENDING', KEYS[2], ARGV[5], eid, eid, 1)
+    if not ok or #read == 0 then redis.call('XDEL', KEYS[2], eid) end
+  end
 end
 return st
 """

@@ -186,7 +186,8 @@ class JobQueue:
     async def terminate(self, job_id: str, status: str, error: dict[str, Any] | None = None) -> str | None:
         """Move a live job to canceled/expired; returns the previous status (None if unknown)."""
         prev = await self._terminate(keys=[self.keys.job(job_id), self.keys.stream, self.keys.job_events(job_id)],
-                                     args=[status, json.dumps(error) if error else "", self.keys.events, job_id])
+                                     args=[status, json.dumps(error) if error else "", self.keys.events, job_id,
+                                           self.keys.group])
         return _s(prev)
 
     async def depth(self) -> tuple[int, int]:

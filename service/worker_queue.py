@@ -120,7 +120,7 @@ class WorkerQueue:
         """End a running job whose owner is gone as canceled (``owner_gone``); its id is published
         as any cancel's, so the worker's CancelWatch stops it between scales. False if it had ended."""
         prev = self._terminate(keys=[self.keys.job(job_id), self.keys.stream, self.keys.job_events(job_id)],
-                               args=["canceled", OWNER_GONE_ERROR, self.keys.events, job_id])
+                               args=["canceled", OWNER_GONE_ERROR, self.keys.events, job_id, self.keys.group])
         return prev in (b"queued", b"processing")
 
     def spec(self, entry: Entry) -> JobSpec:

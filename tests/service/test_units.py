@@ -413,3 +413,43 @@ def test_kept_fraction_is_labelled_by_place_from_the_end() -> None:
 
     assert sample("last") == 2 and sample("last", "_sum") == 1.0
     assert sample("last-6") == 2 and sample("last-9") == 1 and sample("6") is None
+
+
+def test_canceling_a_job_a_worker_holds_keeps_the_waiting_count(redis_url: str) -> None:
+    """Waiting = XLEN - pending. A canceled job whose entry a worker already read stays in the stream
+    until that worker acks it: deleted at once, it left XLEN but not the pending list, and the
+    waiting count read one job short until the worker's START. An unread one is deleted at once."""
+    import asyncio
+
+    import redis.asyncio as aredis
+
+    from service.queue import JobQueue, ensure_group
+
+    keys = Keys(f"wait{uuid.uuid4().hex[:6]}")
+
+    async def scenario() -> tuple[tuple[int, int], tuple[int, int]]:
+        c = aredis.Redis.from_url(redis_url)
+        try:
+            await ensure_group(c, keys)
+            q = JobQueue(c, keys, max_len=10, job_ttl_s=60)
+            ids = [(await q.enqueue(spec(), timeout_s=30, idempotency_key=None))[0] for _ in range(4)]
+            held = await asyncio.to_thread(WorkerQueue(redis.Redis.from_url(redis_url), keys, job_ttl_s=60).read_new,
+                                           "w1", 2, None)
+            assert [e.job_id for e in held] == ids[:2]
+            assert await q.terminate(ids[0], "canceled") == "queued"  # read by the worker, not started
+            after_held = await q.depth()
+            assert await q.terminate(ids[3], "canceled") == "queued"  # never read
+            return after_held, await q.depth()
+        finally:
+            await c.aclose()
+
+    after_held, after_unread = asyncio.run(scenario())
+    assert after_held == (2, 2)  # jobs 3 and 4 wait; the worker holds 1 (canceled) and 2
+    assert after_unread == (1, 2)
+    client = redis.Redis.from_url(redis_url)
+    q = WorkerQueue(client, keys, job_ttl_s=60)
+    assert client.xlen(keys.stream) == 3
+    held = client.xpending_range(keys.stream, keys.group, min="-", max="+", count=10)
+    first = Entry(held[0]["message_id"].decode(), "")
+    q.finish(first, "canceled", {})  # what the worker's START of a canceled job leads to
+    assert client.xlen(keys.stream) == 2
