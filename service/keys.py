@@ -56,11 +56,12 @@ redis.call('XADD', KEYS[3], 'MAXLEN', '~', '""" + str(EVENTS_MAXLEN) + """', '*'
 redis.call('EXPIRE', KEYS[3], ttl)
 """
 
-# KEYS: stream, job, idem ; ARGV: max_len, trim_len, job_id, spec, timeout_ms, ttl, payload_hash, idem_ttl, use_idem,
-# job key prefix, owner ('' none: an API instance whose client waits on the job), its lease key, lease ms
-# (an owner is alive as it enqueues: its lease is set here too, so a Redis that came back empty
-# cannot cancel the jobs it admits before its next renewal; ``ApiLease``)
-# The stream entry carries the spec (~0.5 KB) and owner too, so a worker need not read the job hash.
+# KEYS: stream, job, idem, owner's lease (the job key again when none) ; ARGV: max_len, trim_len, job_id, spec,
+# timeout_ms, ttl, payload_hash, idem_ttl, use_idem, job key prefix, owner ('' none: the API instance
+# whose client alone waits on the job), lease ms, batch key, images (an owner is alive as it enqueues:
+# its lease is set here too, so a Redis that came back empty cannot cancel the jobs it admits before
+# its next renewal; ``ApiLease``). The stream entry carries the spec (~0.5 KB), owner, batch key and
+# image count too, so a worker need not read the job hash (nor claim a job to learn if it joins a batch).
 ENQUEUE = _NOW + """
 if ARGV[9] == '1' then
   local existing = redis.call('GET', KEYS[3])
@@ -79,12 +80,12 @@ if depth >= tonumber(ARGV[1]) then return {'full', tostring(depth), ''} end
 local deadline = 0
 if tonumber(ARGV[5]) > 0 then deadline = now + tonumber(ARGV[5]) end
 local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'job_id', ARGV[3], 'deadline_ms', deadline,
-                      'spec', ARGV[4], 'owner', ARGV[11])
+                      'spec', ARGV[4], 'owner', ARGV[11], 'batch_key', ARGV[13], 'n', ARGV[14])
 redis.call('HSET', KEYS[2], 'status', 'queued', 'created_ms', now, 'deadline_ms', deadline, 'spec', ARGV[4],
            'entry_id', id, 'owner', ARGV[11])
 redis.call('EXPIRE', KEYS[2], ARGV[6])
 if ARGV[9] == '1' then redis.call('SET', KEYS[3], ARGV[3] .. ' ' .. ARGV[7], 'EX', ARGV[8]) end
-if ARGV[11] ~= '' then redis.call('SET', ARGV[12], '1', 'PX', ARGV[13]) end
+if ARGV[11] ~= '' then redis.call('SET', KEYS[4], '1', 'PX', ARGV[12]) end
 return {'ok', id, ''}
 """
 
@@ -129,9 +130,10 @@ redis.call('HSET', KEYS[1], 'images_dropped', '1')
 return 1
 """
 
-# KEYS: job, stream, job events ; ARGV: consumer, api lease prefix, events channel, job_id, owner_gone error
-# -> {status, now, deadline_ms} ; queued/processing -> processing unless expired, or canceled here
-# ('owner_gone') when the API process whose client waits on it no longer holds its lease
+# KEYS: job, stream, job events, owner's lease (its stream entry names the owner) ; ARGV: consumer, events
+# channel, job_id, owner_gone error, '1' if it has an owner -> {status, now, deadline_ms} ; queued/processing
+# -> processing unless expired, or canceled here ('owner_gone') when the API process whose client waits
+# on it no longer holds its lease
 START = _NOW + """
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then return {'missing', now, 0} end
@@ -139,11 +141,9 @@ local deadline = tonumber(redis.call('HGET', KEYS[1], 'deadline_ms') or '0')
 if (st == 'queued' or st == 'processing') and deadline > 0 and now > deadline then
   return {'past_deadline', now, deadline}
 end
-local owner = redis.call('HGET', KEYS[1], 'owner')
-if (st == 'queued' or st == 'processing') and owner and owner ~= ''
-    and redis.call('EXISTS', ARGV[2] .. owner) == 0 then
-  redis.call('HSET', KEYS[1], 'status', 'canceled', 'completed_ms', now, 'error', ARGV[5])
-  redis.call('PUBLISH', ARGV[3], ARGV[4])
+if (st == 'queued' or st == 'processing') and ARGV[5] == '1' and redis.call('EXISTS', KEYS[4]) == 0 then
+  redis.call('HSET', KEYS[1], 'status', 'canceled', 'completed_ms', now, 'error', ARGV[4])
+  redis.call('PUBLISH', ARGV[2], ARGV[3])
   local status, ttl = 'canceled', redis.call('TTL', KEYS[1])
   if ttl > 0 then """ + _END_EVENT + """ end
   return {'owner_gone', now, deadline}
@@ -154,6 +154,30 @@ if st == 'queued' or st == 'processing' then
   return {'processing', now, deadline}
 end
 return {st, now, deadline}
+"""
+
+# KEYS: stream ; ARGV: group, consumer, batch key, room (images) -> {'read', XREADGROUP's reply} for the next
+# entry nobody read yet if its job joins the batch being gathered (same batch key, n <= room; an entry
+# without them, written by an older API, is read too), else {'stop'}: a worker gathering a batch
+# claims no job it cannot run in it, which stays in the stream for idle workers (it held one before).
+READ_IF_JOINS = """
+local last
+for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+  local name, lid
+  for i = 1, #g, 2 do
+    if g[i] == 'name' then name = g[i + 1] elseif g[i] == 'last-delivered-id' then lid = g[i + 1] end
+  end
+  if name == ARGV[1] then last = lid end
+end
+if not last then return redis.error_reply('NOGROUP no such consumer group ' .. ARGV[1]) end
+local nxt = redis.call('XRANGE', KEYS[1], '(' .. last, '+', 'COUNT', 1)
+if #nxt == 0 then return {'stop'} end
+local f, key, n = nxt[1][2], nil, nil
+for i = 1, #f, 2 do
+  if f[i] == 'batch_key' then key = f[i + 1] elseif f[i] == 'n' then n = tonumber(f[i + 1]) end
+end
+if key and (key ~= ARGV[3] or (n or 1) > tonumber(ARGV[4])) then return {'stop'} end
+return {'read', redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', 1, 'STREAMS', KEYS[1], '>')}
 """
 
 # KEYS: job, stream, job events ; ARGV: group, entry_id, status, ttl, events_channel, job_id, field1, value1, ...

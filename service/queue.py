@@ -125,7 +125,10 @@ class JobQueue:
         args = [self.max_len, max(1000, 10 * self.max_len), job_id, spec.model_dump_json(), timeout_ms,
                 self.job_ttl_s, phash, IDEM_TTL_S, "1" if idempotency_key else "0", self.keys.job(""),
                 *self._owner(owned)]
-        kind, a, b = await self._enqueue(keys=[self.keys.stream, self.keys.job(job_id), idem], args=args)
+        owner = args[10]
+        lease_key = self.keys.api_lease(owner) if owner else self.keys.job(job_id)
+        kind, a, b = await self._enqueue(keys=[self.keys.stream, self.keys.job(job_id), idem, lease_key],
+                                         args=args + [spec.batch_tag, spec.n])
         kind = kind.decode()
         if kind == "full":
             raise QueueFull(int(a), await self.retry_after(int(a)))
@@ -136,10 +139,10 @@ class JobQueue:
         return job_id, True
 
     def _owner(self, owned: bool) -> list[str | int]:
-        """ENQUEUE's owner arguments: the instance, its lease key and lease in ms (or none)."""
+        """ENQUEUE's owner arguments: the instance and its lease in ms (or none)."""
         if not owned or self.lease is None:
-            return ["", "", 0]
-        return [self.lease.instance, self.keys.api_lease(self.lease.instance), self.lease.ttl_ms]
+            return ["", 0]
+        return [self.lease.instance, self.lease.ttl_ms]
 
     async def retry_after(self, depth: int) -> int:
         workers = await self.workers()

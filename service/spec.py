@@ -51,6 +51,11 @@ class JobSpec(BaseModel):
         """Jobs with equal keys share one scale schedule and can run in one batch."""
         return (self.pn, self.h_div_w)
 
+    @property
+    def batch_tag(self) -> str:
+        """``batch_key`` as the string a stream entry carries (``READ_IF_JOINS``)."""
+        return f"{self.pn}|{self.h_div_w!r}"
+
     def payload_hash(self, *, drawn_seeds: bool = False) -> str:
         """Idempotency fingerprint of what the client asked for. ``drawn_seeds``: the server drew
         the seeds (the request had none), so they are not part of it: a retry of the same request

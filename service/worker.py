@@ -319,20 +319,24 @@ class Worker:
             self.metrics.calibration.inc(took)
 
     def _read_more(self) -> None:
-        """Fill the batch being gathered with entries read one at a time without blocking, stopping
-        after the first that does not join it (another batch key, or more images than the room
-        left): a worker then holds at most one job it cannot run next, and leaves the rest of the
-        stream to idle workers. It read up to MAX_BATCH_SIZE
-        entries of any key at once before, and ran them one key after another while another worker
-        sat idle (fault injection: two jobs waited 12-13 s that way)."""
+        """Fill the batch being gathered with the next unread entries while their jobs join it (same
+        batch key, images within the room left), claimed one at a time by a script that looks at an
+        entry before claiming it (``READ_IF_JOINS``): the first that does not join stays in the
+        stream for idle workers. The worker read up to MAX_BATCH_SIZE entries of any key at once
+        before, then (2026-11-27) one at a time, stopping after the first that did not join, which
+        it then held while another worker could sit idle."""
         limit = self.settings.max_batch_size
-        while batch_images(select_batch(self.held, limit)[0]) < limit:
-            got = self.queue.read_new(self.consumer, 1, None)
-            if not got:
+        while True:
+            batch = select_batch(self.held, limit)[0]
+            room = limit - batch_images(batch)
+            if room <= 0:
                 return
-            self._admit(got[0])
-            if not any(h.entry is got[0] for h in select_batch(self.held, limit)[0]):
-                return  # of another batch key, or too many images for the room left: the next batch's
+            got = self.queue.read_if_joins(self.consumer, batch[0].spec.batch_tag, room)
+            if got is None:
+                return
+            self._admit(got)
+            if not any(h.entry is got for h in select_batch(self.held, limit)[0]):
+                return  # (an entry of an older API, without its batch key) the next batch's
 
     def _recover(self) -> None:
         now = time.monotonic()
@@ -432,7 +436,7 @@ class Worker:
 
     def _start(self, h: Held) -> bool:
         """Mark the job processing; drop it (ack) if it was canceled, expired or is past its deadline."""
-        status, now_ms, deadline = self.queue.start(h.entry.job_id, self.consumer)
+        status, now_ms, deadline = self.queue.start(h.entry.job_id, self.consumer, h.entry.owner)
         if status == "processing":
             h.entry.started_ms = now_ms
             self.metrics.queue_wait.observe(max(0.0, (now_ms - h.entry.created_ms) / 1000))

@@ -11,7 +11,7 @@ from typing import Any
 import redis
 from redis.exceptions import ResponseError
 
-from .keys import EVENTS_MAXLEN, FINISH, START, TERMINATE, Keys
+from .keys import EVENTS_MAXLEN, FINISH, READ_IF_JOINS, START, TERMINATE, Keys
 from .spec import JobSpec
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,7 @@ class WorkerQueue:
         self._start = client.register_script(START)
         self._finish = client.register_script(FINISH)
         self._terminate = client.register_script(TERMINATE)
+        self._read_if_joins = client.register_script(READ_IF_JOINS)
 
     def ensure_group(self) -> None:
         try:
@@ -69,6 +70,20 @@ class WorkerQueue:
         for _stream, items in resp or []:
             out.extend(e for e in (_entry(eid, f) for eid, f in items) if e is not None)
         return out
+
+    def read_if_joins(self, consumer: str, batch_tag: str, room: int) -> Entry | None:
+        """The next unread entry, claimed only if its job joins the batch being gathered (``batch_tag``,
+        at most ``room`` images); None if there is none or it does not join (it stays for others)."""
+        got = self._read_if_joins(keys=[self.keys.stream], args=[self.keys.group, consumer, batch_tag, room])
+        if got[0] != b"read":
+            return None
+        for _stream, items in got[1] or []:
+            for eid, flat in items:  # a script's reply: fields as a flat list
+                e = _entry(eid, dict(zip(flat[::2], flat[1::2], strict=True)))
+                if e is not None:
+                    return e
+                self.client.xack(self.keys.stream, self.keys.group, eid)  # entry body gone: nothing to run
+        return None
 
     def autoclaim(self, consumer: str, min_idle_ms: int, count: int) -> list[Entry]:
         """XAUTOCLAIM entries idle past the threshold (their worker stopped touching them: it died).
@@ -98,12 +113,13 @@ class WorkerQueue:
         if entry_ids:
             self.client.xclaim(self.keys.stream, self.keys.group, consumer, 0, entry_ids, justid=True)
 
-    def start(self, job_id: str, consumer: str) -> tuple[str, int, int]:
+    def start(self, job_id: str, consumer: str, owner: str | None = None) -> tuple[str, int, int]:
         """(status, now_ms, deadline_ms); status 'processing' means run it; 'owner_gone': START
-        canceled it, the API process its client waited on being gone."""
+        canceled it, ``owner`` (the API process its client waited on, from its entry) being gone."""
+        job = self.keys.job(job_id)
         st, now, deadline = self._start(
-            keys=[self.keys.job(job_id), self.keys.stream, self.keys.job_events(job_id)],
-            args=[consumer, self.keys.api_lease_prefix, self.keys.events, job_id, OWNER_GONE_ERROR])
+            keys=[job, self.keys.stream, self.keys.job_events(job_id), self.keys.api_lease(owner) if owner else job],
+            args=[consumer, self.keys.events, job_id, OWNER_GONE_ERROR, "1" if owner else "0"])
         return st.decode(), int(now), int(deadline)
 
     def gone_owners(self, owners: set[str]) -> set[str]:

@@ -354,10 +354,11 @@ def test_autoclaim_goes_on_where_it_stopped(redis_url: str) -> None:
     assert sorted(got) == sorted(f"j{i}" for i in range(30))
 
 
-def test_worker_holds_at_most_one_job_of_another_batch_key(redis_url: str) -> None:
-    """Reading a burst of mixed sizes, a worker takes the first job's batch and at most one job of
-    another key (its next batch), leaving the rest to other workers; it took up to MAX_BATCH_SIZE
-    entries of any key and ran them one key after another while another worker sat idle."""
+def test_worker_claims_only_jobs_that_join_its_batch(redis_url: str) -> None:
+    """Gathering a batch from a burst of mixed sizes, a worker claims the jobs that join it and stops
+    before the first that does not (another key, or more images than the room left), which stays in
+    the stream for other workers. It took up to MAX_BATCH_SIZE entries of any key once (and ran them
+    key after key while another worker sat idle), then held the first that did not join."""
     import asyncio
 
     import redis.asyncio as aredis
@@ -368,12 +369,14 @@ def test_worker_holds_at_most_one_job_of_another_batch_key(redis_url: str) -> No
     keys = Keys(prefix)
     specs = [spec(1), spec(1, h_div_w=0.5), spec(1), spec(1)]  # key A, B, A, A
 
+    job_ids: list[str] = []
+
     async def admit() -> None:
         c = aredis.Redis.from_url(redis_url)
         try:
-            q = JobQueue(c, keys, max_len=10, job_ttl_s=60)
+            q = JobQueue(c, keys, max_len=100, job_ttl_s=60)
             for sp in specs:
-                await q.enqueue(sp, timeout_s=60, idempotency_key=None)
+                job_ids.append((await q.enqueue(sp, timeout_s=60, idempotency_key=None))[0])
         finally:
             await c.aclose()
 
@@ -383,15 +386,30 @@ def test_worker_holds_at_most_one_job_of_another_batch_key(redis_url: str) -> No
         w.queue.ensure_group()
         asyncio.run(admit())
         w.step()  # idle: reads the first job, then gathers its batch
-        assert [h.spec.h_div_w for h in w.held] == [1.0, 0.5]  # stopped after the first job of another key
+        assert [h.spec.h_div_w for h in w.held] == [1.0]  # stopped before the first job of another key
         other = WorkerQueue(redis.Redis.from_url(redis_url), keys, job_ttl_s=60).read_new("w2", 4, None)
-        assert len(other) == 2  # the two key-A jobs behind it are left for another worker
+        assert [e.job_id for e in other] == job_ids[1:]  # it and the two key-A jobs behind it: another worker's
         # same key, but more images than the room left: it is the next batch's, and reading stops there
         w.held.clear()
+        job_ids.clear()
         specs[:] = [spec(3), spec(2), spec(1), spec(1)]
         asyncio.run(admit())
         w.step()
-        assert [h.spec.n for h in w.held] == [3, 2]
+        assert [h.spec.n for h in w.held] == [3]
+        assert [e.job_id for e in WorkerQueue(redis.Redis.from_url(redis_url), keys,
+                                              job_ttl_s=60).read_new("w2", 4, None)] == job_ids[1:]
+        # an entry written by an older API (no batch key in it) is claimed, and ends the gathering
+        w.held.clear()
+        job_ids.clear()
+        specs[:] = [spec(1), spec(1, h_div_w=0.5), spec(1)]
+        asyncio.run(admit())
+        client = redis.Redis.from_url(redis_url)
+        last = client.xrevrange(keys.stream, count=2)
+        for eid, fields in reversed(last):  # the last two as an older API wrote them
+            client.xdel(keys.stream, eid)
+            client.xadd(keys.stream, {k: v for k, v in fields.items() if k not in (b"batch_key", b"n")})
+        w.step()
+        assert [h.spec.h_div_w for h in w.held] == [1.0, 0.5]
     finally:
         w.cancel_watch.close()
 
