@@ -27,15 +27,26 @@ log = logging.getLogger("ldserve")
 
 
 class _Server(uvicorn.Server):
-    """uvicorn server that flips the app to draining (readiness 503) as soon as a signal arrives."""
+    """uvicorn server that flips the app to draining (readiness 503) as soon as a signal arrives and,
+    with ``drain_delay_s``, keeps serving that long (readiness 503, so load balancers that poll it
+    stop sending requests) before uvicorn closes its listener and drains; a second signal does not
+    wait. uvicorn alone closes the listener at once, so readiness was never seen answering 503."""
 
-    def __init__(self, config: uvicorn.Config, on_exit: Any = None) -> None:
+    def __init__(self, config: uvicorn.Config, on_exit: Any = None, drain_delay_s: float = 0.0) -> None:
         super().__init__(config)
         self.on_exit = on_exit
+        self.drain_delay_s = drain_delay_s
+        self._delayed: threading.Timer | None = None
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         if self.on_exit is not None:
             self.on_exit()
+        if self.drain_delay_s > 0 and self._delayed is None and not self.should_exit:
+            log.info("draining: /health/ready answers 503; the listener closes in %.1f s", self.drain_delay_s)
+            self._delayed = threading.Timer(self.drain_delay_s, super().handle_exit, (sig, frame))
+            self._delayed.daemon = True
+            self._delayed.start()
+            return
         super().handle_exit(sig, frame)
 
 
@@ -62,6 +73,13 @@ def _drain_then_exit_on_signals() -> None:
         signal.signal(sig, lambda *_: None)
 
 
+def _draining(app: Any, worker: Any) -> None:
+    """``ldserve serve`` got a signal: readiness 503, and the worker runs no more calibrations (it still
+    runs the jobs the API holds; it is told to stop claiming once the API has drained)."""
+    app.state.draining = True
+    worker.winding_down = True
+
+
 def _exit_on_signal(sig: int, _frame: Any) -> None:
     log.warning("signal %d during the drain: exiting without waiting for the batch", sig)
     raise SystemExit(128 + sig)
@@ -86,7 +104,7 @@ def serve(s: ServiceSettings) -> None:
         local = LocalResults()
         worker = Worker(s, worker_client(s), WorkerMetrics(registry, jobs=api_metrics.api_jobs), local_results=local)
         app = create_app(s, metrics=api_metrics, local_results=local)
-        server = _Server(_uvicorn_config(app, s), on_exit=lambda: setattr(app.state, "draining", True))
+        server = _Server(_uvicorn_config(app, s), on_exit=lambda: _draining(app, worker), drain_delay_s=s.drain_delay_s)
         failed: list[BaseException] = []
 
         def stop_serving(why: BaseException) -> None:
@@ -144,7 +162,8 @@ def api(s: ServiceSettings) -> None:
     if s.redis_url is None:
         sys.exit("ldserve api: set LDSERVE_REDIS_URL (only `ldserve serve` starts an embedded Redis)")
     app = create_app(s)
-    _Server(_uvicorn_config(app, s), on_exit=lambda: setattr(app.state, "draining", True)).run()
+    _Server(_uvicorn_config(app, s), on_exit=lambda: setattr(app.state, "draining", True),
+            drain_delay_s=s.drain_delay_s).run()
 
 
 def worker(s: ServiceSettings) -> None:

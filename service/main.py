@@ -6,14 +6,15 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import redis.asyncio as aredis
 from fastapi import FastAPI
-from fastapi.middleware.cors import CORSMiddleware
 from prometheus_client import CollectorRegistry
 
 from . import __version__
 from .api import docs, errors
+from .api.convert import STATS_HEADERS
 from .api.middleware import RequestMiddleware
 from .api.routes import protected, public
 from .keys import REDIS_CLIENT_OPTIONS, Keys
@@ -28,6 +29,24 @@ DESCRIPTION = """Text-to-image generation with Infinity and LD-Pruning.
 Synchronous by default; send `Prefer: respond-async` for a 202 job. Errors use the OpenAI
 envelope `{"error": {"message", "type", "param", "code"}}`; every response has `x-request-id`.
 """
+
+
+def _limits_in_schema(app: FastAPI, settings: ServiceSettings) -> None:
+    """The OpenAPI schema states this server's limits: ``n`` up to ``max_n`` (the models allow 16, the
+    most ``max_n`` may be set to; a client generated from the schema accepted n=5-16 that a
+    server at the default 4 then refused), the prompts up to ``max_prompt_chars``."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schemas = build()["components"]["schemas"]
+            for name in ("GenerateRequest", "OpenAIImageRequest"):
+                props = schemas[name]["properties"]
+                props["n"]["maximum"] = settings.max_n
+                props["prompt"]["maxLength"] = settings.max_prompt_chars
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def create_app(settings: ServiceSettings, *, metrics: ApiMetrics | None = None,
@@ -67,15 +86,17 @@ def create_app(settings: ServiceSettings, *, metrics: ApiMetrics | None = None,
     app.state.metrics = api_metrics
     app.state.draining = False
     app.state.started_at = time.time()
+    _limits_in_schema(app, settings)
     errors.install(app)
     app.include_router(public)
     app.include_router(protected)
     docs.install(app, protect=bool(settings.api_key_hashes) and not settings.public_docs)
     if settings.cors_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
+        app.add_middleware(errors.Cors, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "Prefer",
                                           "Cancel-After", "x-request-id"],
-                           expose_headers=["x-request-id", "x-job-id", "Retry-After", "Location"])
+                           expose_headers=["x-request-id", "x-job-id", "Retry-After", "Location", "Server-Timing",
+                                           *STATS_HEADERS])
     app.add_middleware(RequestMiddleware, metrics=api_metrics, max_body_bytes=settings.max_body_bytes,
                        access_log=settings.access_log)
     return app

@@ -113,6 +113,11 @@ class ServiceSettings(BaseSettings):
     """After SIGTERM, how long the API keeps serving the requests it holds (readiness 503 at once),
     then closes them. Unset: ``sync_timeout_s`` + 5, so every synchronous request can end; set it
     below the orchestrator's grace period minus its preStop (the Kubernetes manifests: 45)."""
+    drain_delay_s: float = Field(0.0, ge=0, le=600)
+    """After SIGTERM, how long the API keeps accepting requests while ``/health/ready`` answers 503
+    (load balancers polling it stop routing here), before it closes its listener and drains. 0:
+    the listener closes at once (connections are refused: not ready either). Kubernetes needs none
+    (its endpoints drop the pod; the manifests' preStop sleep covers the propagation)."""
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
     """Comma-separated bearer keys; only their SHA-256 hashes are kept (see api_key_hashes)."""
     protect_metrics: bool = True

@@ -169,6 +169,8 @@ class Worker:
         """When the loop last moved (a step began, a scale of a batch ended): ``alive``."""
         self.backend_ok = True
         """False from a failed Redis call of the loop until its next step succeeds: not ``serving``."""
+        self.winding_down = False
+        """Set when its process is stopping (``ldserve serve``'s API draining): no more calibrations."""
 
     @property
     def draining(self) -> bool:
@@ -314,7 +316,8 @@ class Worker:
             self._admit(e)
         if self.held:
             self._read_more()
-        elif self.engine is not None and self.engine.pending:  # idle: time a new shape unpruned now
+        elif self.engine is not None and self.engine.pending and not (self.draining or self.winding_down):
+            # idle: time a new shape unpruned now (not while stopping: device work nobody waits for)
             took = self.engine.calibrate_pending()
             self.metrics.calibration.inc(took)
 

@@ -8,7 +8,10 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from redis.exceptions import OutOfMemoryError, RedisError
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
+from starlette.responses import Response
 
 log = logging.getLogger(__name__)
 
@@ -114,3 +117,21 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, _http)  # type: ignore[arg-type]
     app.add_exception_handler(RedisError, _redis_error)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, _unhandled)
+
+
+class Cors(CORSMiddleware):
+    """Starlette's CORS middleware, whose refused preflight answers in the error envelope (it answered
+    400 text/plain "Disallowed CORS origin")."""
+
+    PARAMS = {"origin": "Origin", "method": "Access-Control-Request-Method",
+              "headers": "Access-Control-Request-Headers",
+              "private-network": "Access-Control-Request-Private-Network"}
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code != 400:
+            return response
+        refused = bytes(response.body).decode().removeprefix("Disallowed CORS ").split(", ")
+        headers = {k: v for k, v in response.headers.items() if k.lower() not in ("content-length", "content-type")}
+        return envelope(400, f"CORS preflight refused: {', '.join(refused)} not allowed", code="cors_not_allowed",
+                        param=self.PARAMS.get(refused[0]), headers=headers)

@@ -61,8 +61,8 @@ async def generate(body: GenerateRequest, request: Request, settings: SettingsDe
     delivered(job, idem, settings, queue, background)
     encoded = await sync_files(job, files, metrics, timing)
     headers = sync_headers(job, timing)
-    if raw_fmt:
-        headers["x-seed"] = str(job.spec.seeds[0])
+    if raw_fmt:  # the body is the image: its stats go in headers
+        headers.update(convert.stats_headers(job))
         return Response(encoded[0], media_type=MEDIA_TYPES[raw_fmt], headers=headers)
     return jsonbody.response(convert.generate_body(job, encoded), headers=headers)
 

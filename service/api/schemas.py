@@ -79,6 +79,11 @@ class JobMetrics(BaseModel):
     batch_images: int | None = None
 
 
+class JobReadMetrics(JobMetrics):
+    images: list[ImageStats] | None = Field(None, description="Each image's stats once the job succeeded "
+                                            "(kept after a synchronous response delivered the images)")
+
+
 class GeneratedImage(BaseModel):
     b64_json: str
     seed: int
@@ -117,7 +122,7 @@ class Job(BaseModel):
     output_delivered: bool = False
     """The synchronous response that ran this job returned its images; they are not kept (output null)."""
     error: ErrorBody | None = None
-    metrics: JobMetrics
+    metrics: JobReadMetrics
     urls: JobUrls
 
 

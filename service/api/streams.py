@@ -65,7 +65,8 @@ async def native_events(job: Job, settings: SettingsDep, queue: JobQueue, metric
 async def openai_stream(job: Job, quality: str | None, deadline: float, idem: str | None, settings: SettingsDep,
                          queue: JobQueue, metrics: MetricsDep) -> AsyncIterator[bytes]:
     """OpenAI's image streaming: ``image_generation.partial_image`` events, then one
-    ``image_generation.completed`` per image (``image_index`` and ``seed`` are extensions), or an
+    ``image_generation.completed`` per image (``image_index``, ``seed``, the image's ``stats`` and the
+    job's ``metrics`` are extensions), or an
     ``error`` event. The job has the synchronous deadline; a client that leaves first cancels it
     (unless it sent an Idempotency-Key), and the delivered images leave Redis as after a
     synchronous response."""
@@ -94,11 +95,12 @@ async def openai_stream(job: Job, quality: str | None, deadline: float, idem: st
                     return
                 encoded = await delivered_files(final, settings.png, metrics)
                 out = convert.openai_body(final, encoded, quality)
+                metrics_ = {k: v for k, v in out["metrics"].items() if k != "images"}
                 for i, item in enumerate(out["data"]):
                     yield sse("image_generation.completed", {
                         "type": "image_generation.completed", "b64_json": item["b64_json"],
                         "created_at": int(time.time()), **shape, "usage": out["usage"], "image_index": i,
-                        "seed": item["seed"]})
+                        "seed": item["seed"], "stats": out["metrics"]["images"][i], "metrics": metrics_})
                 if drops_delivered(idem, settings):
                     await queue.drop_images(job.id, len(encoded), events=True)
     finally:

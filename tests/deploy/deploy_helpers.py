@@ -252,10 +252,11 @@ def service_settings(env: dict[str, str]) -> Any:
 
 
 def api_drain_timeout_s(settings: Any) -> float:
-    """The API's drain after SIGTERM as service/cli.py computes it (unset: sync timeout + 5)."""
+    """The API's time after SIGTERM as service/cli.py computes it: the drain delay (still serving,
+    readiness 503), then the drain (unset: sync timeout + 5)."""
     import math
 
-    return float(math.ceil(settings.drain_timeout_s or settings.sync_timeout_s + 5))
+    return settings.drain_delay_s + float(math.ceil(settings.drain_timeout_s or settings.sync_timeout_s + 5))
 
 
 # --- .dockerignore -------------------------------------------------------------------------------

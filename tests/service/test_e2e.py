@@ -85,6 +85,17 @@ def test_raw_image_with_accept_header(serve: Proc) -> None:
     assert r.status_code == 200 and r.headers["content-type"] == "image/webp"
     assert Image.open(io.BytesIO(r.content)).size == (256, 256) and r.headers["x-seed"] == "11"
     assert "encode;dur=" in r.headers["server-timing"]
+    # the body is the image: its stats come as headers, and stay in the job after its images left
+    job = httpx.get(f"{serve.url}/v1/jobs/{r.headers['x-job-id']}", headers=AUTH).json()
+    assert job["output_delivered"] and job["output"] is None
+    [st] = job["metrics"]["images"]
+    assert st["seed"] == 11 and r.headers["x-tokens-computed"] == str(st["tokens_computed"]) > "0"
+    assert r.headers["x-tokens-full"] == str(st["tokens_full"]) and r.headers["x-pruning"] == job["pruning"]
+    assert float(r.headers["x-ideal-speedup"]) == pytest.approx(st["ideal_speedup"], abs=1e-4)
+    assert r.headers["x-uncond-stop-scale"] == ("none" if st["uncond_stop_scale"] is None
+                                                else str(st["uncond_stop_scale"]))
+    assert float(r.headers["x-inference-s"]) == job["metrics"]["inference_s"] > 0
+    assert float(r.headers["x-queue-wait-s"]) == job["metrics"]["queue_wait_s"] >= 0
     r = post(serve, "/generate", {"prompt": "a tree", "seed": 2**63 - 1}, {"Accept": "image/png"})  # the largest
     assert r.status_code == 200 and r.headers["x-seed"] == str(2**63 - 1)
     r = post(serve, "/generate", {"prompt": "a tree", "n": 2}, {"Accept": "image/png"})
@@ -532,6 +543,8 @@ def test_openai_stream_partial_then_completed(serve: Proc, rclient: redis.Redis)
     assert decode(partial["b64_json"]).format == "JPEG"
     assert done["type"] == "image_generation.completed" and done["seed"] == 9 and done["size"] == "256x256"
     assert decode(done["b64_json"]).size == (256, 256) and done["usage"]["output_tokens"] > 0
+    assert done["stats"]["seed"] == 9 and done["stats"]["tokens_computed"] == done["usage"]["output_tokens"]
+    assert done["metrics"]["inference_s"] > 0 and done["metrics"]["queue_wait_s"] >= 0
     assert images_generated(serve) == before + 1
     delivered = httpx.get(f"{serve.url}/v1/jobs/{job_id}", headers=AUTH).json()  # dropped once streamed
     assert delivered["status"] == "succeeded" and delivered["output_delivered"] and delivered["output"] is None

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .conftest import Proc, base_env, free_port, ready, start, up, wait_for
+from .conftest import Proc, base_env, free_port, ready, serving, start, up, wait_for
 
 
 def _embedded(p: Proc) -> tuple[int, Path]:
@@ -106,6 +106,29 @@ def test_api_drain_ends_at_drain_timeout(redis_url: str, tmp_path: Path) -> None
         assert isinstance(got["r"], httpx.HTTPError) or got["r"].status_code >= 500  # cut, not answered 200
     finally:
         p.stop()
+
+
+def test_drain_delay_keeps_serving_with_readiness_503(redis_url: str, tmp_path: Path) -> None:
+    """DRAIN_DELAY_S: after SIGTERM `ldserve serve` answers /health/ready 503 (draining) and still serves
+    requests for that long, then drains and exits 0; it runs no calibration of a new shape meanwhile
+    (device work nobody waits for: the idle worker timed the shape of the last batch before). Without
+    a delay, uvicorn closes its listener at once and readiness is never seen answering 503."""
+    env = base_env(redis_url, f"delay{os.getpid()}", drain_delay_s=5, api_keys="")
+    with serving("serve", env, tmp_path) as p:
+        p.signal(signal.SIGTERM)
+        t0 = time.monotonic()
+        r = httpx.get(f"{p.url}/health/ready", timeout=5)
+        assert r.status_code == 503 and r.json()["checks"]["draining"] is True, r.text
+        assert httpx.get(f"{p.url}/health/live", timeout=5).status_code == 200
+        # still served, at a shape the worker never ran (its calibration would be due once idle)
+        r = httpx.post(f"{p.url}/generate", json={"prompt": "after the signal", "resolution": 512}, timeout=30)
+        assert r.status_code == 200, r.text
+        assert time.monotonic() - t0 < 5, "the request was not answered within the delay: inconclusive"
+        assert p.proc.wait(60) == 0, p.logs()
+        assert time.monotonic() - t0 >= 4.5
+        logs = p.logs()
+        assert "the listener closes in 5.0 s" in logs
+        assert "at (32, 32)" not in logs, logs  # no calibration of the 512 px shape
 
 
 def _queue_text(p: Proc) -> str:
