@@ -165,7 +165,7 @@ def raise_for(job: Job | None, job_id: str) -> Job:
     err = job.error or {}
     status = {"expired": 504, "canceled": 409}.get(job.status, 500)
     raise ApiError(status, err.get("message") or f"job {job.status}", code=err.get("code") or job.status,
-                   type_=err.get("type"))
+                   type_=err.get("type"), headers={"x-job-id": job.id})  # (its record stays readable)
 
 
 async def async_response(job: Job | None, job_id: str, png: PngParams, queue: JobQueue,

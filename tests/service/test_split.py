@@ -90,6 +90,14 @@ def test_not_ready_without_worker_then_429_on_full_queue(split: dict) -> None:
     assert metric(depth, 'ldserve_queue_depth{state="waiting"}') == 3
     for i in ids:  # canceled jobs are dropped by the worker before the GPU
         assert httpx.post(f"{api.url}/v1/jobs/{i}/cancel").json()["status"] == "canceled"
+    # a synchronous request waits up to its deadline (here Cancel-After, under SYNC_TIMEOUT_S), then 504
+    t0 = time.monotonic()
+    r = httpx.post(f"{api.url}/generate", json={"prompt": "nobody runs this"}, headers={"Cancel-After": "1s"},
+                   timeout=30)
+    assert r.status_code == 504 and r.json()["error"]["code"] == "deadline_exceeded", r.text
+    assert r.json()["error"]["type"] == "timeout_error" and 0.9 < time.monotonic() - t0 < 10
+    late = job(api, r.headers["x-job-id"])
+    assert late["status"] == "expired" and late["started_at"] is None
 
 
 def test_deadline_expiry_before_the_gpu(split: dict, rclient: redis.Redis) -> None:
