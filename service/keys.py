@@ -90,10 +90,11 @@ return {'ok', id, ''}
 """
 
 # KEYS: job, stream, job events ; ARGV: new_status, error_json, events_channel, job_id, group -> previous status
-# or nil. A queued job's stream entry nobody read yet is deleted at once, so it stops counting against
-# max_queue_len; one a worker read already stays until that worker's START sees the terminal status
-# and acks and deletes it (deleted here, it left XLEN but not the group's pending list, and the
-# waiting count, XLEN - pending, read one job short until then).
+# or nil. A queued job's stream entry is acked and deleted at once, so it stops counting against
+# max_queue_len; if a worker read it already, its START sees the terminal status (and acks nothing
+# more). The ack keeps the waiting count (XLEN - pending) exact: deleted alone, a read entry left
+# XLEN but not the pending list, and after its worker died XAUTOCLAIM handed it out again (counted
+# as a redelivery, dead-lettered at MAX_DELIVERIES although its client had canceled it).
 TERMINATE = _NOW + """
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then return false end
@@ -106,8 +107,8 @@ end
 if st == 'queued' then
   local eid = redis.call('HGET', KEYS[1], 'entry_id')
   if eid then
-    local ok, read = pcall(redis.call, 'XPENDING', KEYS[2], ARGV[5], eid, eid, 1)
-    if not ok or #read == 0 then redis.call('XDEL', KEYS[2], eid) end
+    pcall(redis.call, 'XACK', KEYS[2], ARGV[5], eid)
+    redis.call('XDEL', KEYS[2], eid)
   end
 end
 return st

@@ -62,6 +62,8 @@ def create_app(settings: ServiceSettings, *, metrics: ApiMetrics | None = None,
         client = aredis.Redis.from_url(settings.redis_url, **REDIS_CLIENT_OPTIONS)
         keys = Keys(settings.key_prefix)
         lease = ApiLease(client, keys, settings.api_lease_s)
+        if local_results is not None:  # ldserve serve: its worker does not judge its own process's jobs
+            local_results.owner = lease.instance
         app.state.queue = JobQueue(client, keys, max_len=settings.max_queue_len, job_ttl_s=settings.job_ttl_s,
                                    worker_stale_s=settings.heartbeat_stale_s, lease=lease)
         app.state.notifier = Notifier(client, app.state.queue, local_results,

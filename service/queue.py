@@ -215,17 +215,25 @@ class JobQueue:
         return out
 
 
+LEASE_RETRY_S = 0.5
+"""An API process whose lease renewal failed retries this often until it succeeds."""
+
+
 class ApiLease:
     """This API process's key in Redis (``Keys.api_lease``), set for ``ttl_s`` and renewed every
     third of it while the process runs, deleted when it stops. A job that only this process's
     client will read (``JobQueue.enqueue(owned=True)``) names it as owner; once the key is gone
     (the process was SIGKILLed, OOM-killed, lost with its node: its clients' connections with it),
     workers drop the job before the GPU (START) or stop it between scales (their heartbeat looks),
-    instead of running it for nobody. ENQUEUE sets the key too (the process is alive as it
-    enqueues), so a Redis that came back empty (a flush, a restart without persistence) does not
-    cancel the jobs admitted before the next renewal. A Redis outage longer than ``ttl_s`` can
-    still let the key lapse while the process lives: the jobs it admitted before then end
-    ``canceled`` (code ``owner_gone``) if a worker starts them before the next renewal."""
+    instead of running it for nobody. Keeping a live process's jobs alive matters more than
+    catching a dead one fast, so: ENQUEUE sets the key too (the process is alive as it enqueues:
+    a Redis that came back empty does not cancel the jobs it admits before the next renewal);
+    renewal is a PEXPIRE (Redis allows it at maxmemory, where SET is refused) and a failed one
+    is retried every ``LEASE_RETRY_S``; a worker judges owners only once its own Redis has
+    answered for longer than a renewal period (``Worker.owner_checks``: after a Redis outage or
+    restart, live processes renew first), and ``ldserve serve``'s worker never judges its own
+    process. Left: an API process cut off from a Redis its workers still reach for longer than
+    ``ttl_s`` loses the jobs it admitted."""
 
     def __init__(self, client: aredis.Redis, keys: Keys, ttl_s: float) -> None:
         self.client, self.keys, self.ttl_s = client, keys, ttl_s
@@ -237,15 +245,20 @@ class ApiLease:
         return max(1, int(self.ttl_s * 1000))
 
     async def renew(self) -> None:
-        await self.client.set(self.keys.api_lease(self.instance), "1", px=self.ttl_ms)
+        key = self.keys.api_lease(self.instance)
+        if not await self.client.pexpire(key, self.ttl_ms):  # PEXPIRE is allowed at maxmemory, SET is not
+            await self.client.set(key, "1", px=self.ttl_ms)
 
     async def _loop(self) -> None:
+        wait = self.ttl_s / 3
         while True:
-            await asyncio.sleep(self.ttl_s / 3)
+            await asyncio.sleep(wait)
             try:
                 await self.renew()
-            except RedisError as e:
+                wait = self.ttl_s / 3
+            except RedisError as e:  # Redis restarting or refusing: retry soon, not a period later
                 log.warning("could not renew the API lease: %s", e)
+                wait = min(LEASE_RETRY_S, self.ttl_s / 3)
 
     async def start(self) -> None:
         try:
@@ -287,6 +300,8 @@ class LocalResults:
     them meanwhile (its files are used only if the stored job holds the same images)."""
 
     def __init__(self) -> None:
+        self.owner: str | None = None
+        """The in-process API's lease instance (its jobs' owner; alive as long as this process)."""
         self._target: tuple[asyncio.AbstractEventLoop, Deliver, Ahead] | None = None
         self._finishing: set[str] = set()
         self._lock = threading.Lock()

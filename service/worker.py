@@ -169,6 +169,8 @@ class Worker:
         """When the loop last moved (a step began, a scale of a batch ended): ``alive``."""
         self.backend_ok = True
         """False from a failed Redis call of the loop until its next step succeeds: not ``serving``."""
+        self.redis_ok_since: float | None = time.monotonic()
+        """Since when this worker's Redis calls have succeeded (None after a failure): ``owner_checks``."""
         self.winding_down = False
         """Set when its process is stopping (``ldserve serve``'s API draining): no more calibrations."""
 
@@ -206,6 +208,7 @@ class Worker:
                     self.backend_ok = True
                 except redis.RedisError as e:  # Redis restarting, failing over, or out of memory
                     self.backend_ok = False
+                    self.redis_ok_since = None
                     if self._recreate_group(e):
                         continue
                     self._after_backend_error(e, backoff)
@@ -266,6 +269,8 @@ class Worker:
         while not self._hb_stop.wait(self.settings.heartbeat_s):
             try:
                 self._beat()
+                if self.redis_ok_since is None:
+                    self.redis_ok_since = time.monotonic()
                 self._stop_orphans()
                 if time.monotonic() - pruned_at > PRUNE_EVERY_S:
                     pruned_at = time.monotonic()
@@ -273,6 +278,7 @@ class Worker:
                     if any(gone):
                         log.info("forgot %d dead worker(s) and %d idle consumer(s)", *gone)
             except redis.RedisError as e:
+                self.redis_ok_since = None
                 log.warning("heartbeat failed: %s", e)
 
     def _beat(self) -> None:
@@ -286,14 +292,28 @@ class Worker:
     def _stop_orphans(self) -> None:
         """Jobs of the running batch whose API process is gone (``ApiLease``: their clients went with
         it) end canceled; CancelWatch hears it, and the engine drops their samples at the next scale."""
+        if not self.owner_checks():
+            return
         with self._lock:
             running = list(self.running)
-        gone = self.queue.gone_owners({h.entry.owner for h in running if h.entry.owner})
+        gone = self.queue.gone_owners({o for o in (h.entry.owner for h in running) if self._judged(o)})
         for h in running:
             if h.entry.owner in gone and self.queue.cancel_orphan(h.entry.job_id):
                 log.warning("job %s canceled: the API process %s waiting for it is gone", h.entry.job_id,
                             h.entry.owner)
                 self.metrics.jobs.labels(status="canceled").inc()
+
+    def owner_checks(self) -> bool:
+        """Whether to judge jobs' owners now: once Redis has answered this worker for longer than an
+        API's renewal period plus a second (after a Redis outage, restart or maxmemory refusal, live
+        API processes renew their leases first; they retry every 0.5 s). Assumes the APIs' API_LEASE_S
+        is this worker's."""
+        since = self.redis_ok_since
+        return since is not None and time.monotonic() - since > self.settings.api_lease_s / 3 + 1.0
+
+    def _judged(self, owner: str | None) -> bool:
+        """An owner this worker may find gone: not none, and not its own process's API (ldserve serve)."""
+        return owner is not None and (self.local_results is None or owner != self.local_results.owner)
 
     # ---- claiming --------------------------------------------------------------------------
     def step(self) -> None:
@@ -439,7 +459,8 @@ class Worker:
 
     def _start(self, h: Held) -> bool:
         """Mark the job processing; drop it (ack) if it was canceled, expired or is past its deadline."""
-        status, now_ms, deadline = self.queue.start(h.entry.job_id, self.consumer, h.entry.owner)
+        owner = h.entry.owner if self._judged(h.entry.owner) and self.owner_checks() else None
+        status, now_ms, deadline = self.queue.start(h.entry.job_id, self.consumer, owner)
         if status == "processing":
             h.entry.started_ms = now_ms
             self.metrics.queue_wait.observe(max(0.0, (now_ms - h.entry.created_ms) / 1000))

@@ -97,6 +97,8 @@ class WorkerQueue:
         items = resp[1] if resp else []
         out = []
         for eid, fields in items:
+            if eid is None:  # (Redis 6.2: a deleted entry still pending; nothing to run or ack by id)
+                continue
             e = _entry(eid, fields, self.delivery_count(eid.decode()))
             if e is not None:
                 out.append(e)
@@ -115,7 +117,8 @@ class WorkerQueue:
 
     def start(self, job_id: str, consumer: str, owner: str | None = None) -> tuple[str, int, int]:
         """(status, now_ms, deadline_ms); status 'processing' means run it; 'owner_gone': START
-        canceled it, ``owner`` (the API process its client waited on, from its entry) being gone."""
+        canceled it, ``owner`` (the API process its client waited on, from its entry; None: not
+        judged) being gone."""
         job = self.keys.job(job_id)
         st, now, deadline = self._start(
             keys=[job, self.keys.stream, self.keys.job_events(job_id), self.keys.api_lease(owner) if owner else job],

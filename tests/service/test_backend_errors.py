@@ -129,10 +129,13 @@ def test_worker_and_waiters_recover_when_redis_comes_back_empty(backend: tuple[E
         w.stop()
 
 
-def test_sync_waiters_ride_out_a_redis_restart(tmp_path: Path) -> None:
-    """Redis (with its data: AOF) is killed and back a second later while a synchronous request's job
+@pytest.mark.parametrize("mode", ["serve", "split"])
+def test_sync_waiters_ride_out_a_redis_restart(tmp_path: Path, mode: str) -> None:
+    """Redis (with its data: AOF) is killed and back a little later while a synchronous request's job
     runs: the request still gets its images. Its waiter answered 503 at once before, although the job
-    had been accepted, then ran and kept its images in Redis for nobody."""
+    had been accepted, then ran and kept its images in Redis for nobody. Split: Redis stays down
+    longer than the API's lease (1 s), which lapses meanwhile; the worker waits for live APIs to renew
+    before it judges owners (it canceled the job as owner_gone as soon as Redis was back)."""
     from service.embedded_redis import redis_server_binary
 
     port = free_port()
@@ -146,9 +149,11 @@ def test_sync_waiters_ride_out_a_redis_restart(tmp_path: Path) -> None:
         return proc
 
     server = redis_up()
-    serve = start("serve", base_env(url, "restart", api_keys="", claim_idle_ms=1500), tmp_path, port=free_port())
+    env = base_env(url, "restart", api_keys="", claim_idle_ms=1500, api_lease_s=1)
+    serve = start("serve" if mode == "serve" else "api", env, tmp_path, port=free_port())
+    worker = start("worker", {**env, "LDSERVE_WORKER_METRICS_PORT": "0"}, tmp_path) if mode == "split" else None
     try:
-        wait_for(lambda: ready(serve.url), 120, "serve ready", serve)
+        wait_for(lambda: ready(serve.url), 120, "ready", worker or serve)
         got: dict[str, httpx.Response] = {}
         client = threading.Thread(target=lambda: got.setdefault("r", httpx.post(
             f"{serve.url}/generate", json={"prompt": "through a restart", "resolution": 512, "n": 4}, timeout=120)))
@@ -158,12 +163,14 @@ def test_sync_waiters_ride_out_a_redis_restart(tmp_path: Path) -> None:
                  "the job processing", serve, interval=0.01)
         server.kill()
         server.wait()
-        time.sleep(1.0)
+        time.sleep(1.0 if mode == "serve" else 2.5)
         server = redis_up()
         client.join(120)
-        assert got["r"].status_code == 200, (got["r"].text, serve.logs())
+        assert got["r"].status_code == 200, (got["r"].text, serve.logs(), worker.logs() if worker else "")
         assert len(got["r"].json()["data"]) == 4
     finally:
+        if worker is not None:
+            worker.stop()
         serve.stop()
         server.kill()
         server.wait()

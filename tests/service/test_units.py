@@ -434,9 +434,10 @@ def test_kept_fraction_is_labelled_by_place_from_the_end() -> None:
 
 
 def test_canceling_a_job_a_worker_holds_keeps_the_waiting_count(redis_url: str) -> None:
-    """Waiting = XLEN - pending. A canceled job whose entry a worker already read stays in the stream
-    until that worker acks it: deleted at once, it left XLEN but not the pending list, and the
-    waiting count read one job short until the worker's START. An unread one is deleted at once."""
+    """Waiting = XLEN - pending. Canceling a queued job acks and deletes its entry: deleted alone, an
+    entry a worker had read left XLEN but not the pending list (the waiting count read one job short
+    until that worker's START), and if that worker died, XAUTOCLAIM handed the canceled job out
+    again (a redelivery; at MAX_DELIVERIES a dead letter). The worker's START of it acks nothing more."""
     import asyncio
 
     import redis.asyncio as aredis
@@ -444,30 +445,67 @@ def test_canceling_a_job_a_worker_holds_keeps_the_waiting_count(redis_url: str) 
     from service.queue import JobQueue, ensure_group
 
     keys = Keys(f"wait{uuid.uuid4().hex[:6]}")
+    client = redis.Redis.from_url(redis_url)
+    q = WorkerQueue(client, keys, job_ttl_s=60)
 
-    async def scenario() -> tuple[tuple[int, int], tuple[int, int]]:
+    async def scenario() -> tuple[list[str], tuple[int, int], tuple[int, int]]:
         c = aredis.Redis.from_url(redis_url)
         try:
             await ensure_group(c, keys)
-            q = JobQueue(c, keys, max_len=10, job_ttl_s=60)
-            ids = [(await q.enqueue(spec(), timeout_s=30, idempotency_key=None))[0] for _ in range(4)]
-            held = await asyncio.to_thread(WorkerQueue(redis.Redis.from_url(redis_url), keys, job_ttl_s=60).read_new,
-                                           "w1", 2, None)
+            jq = JobQueue(c, keys, max_len=10, job_ttl_s=60)
+            ids = [(await jq.enqueue(spec(), timeout_s=30, idempotency_key=None))[0] for _ in range(4)]
+            held = await asyncio.to_thread(q.read_new, "w1", 2, None)
             assert [e.job_id for e in held] == ids[:2]
-            assert await q.terminate(ids[0], "canceled") == "queued"  # read by the worker, not started
-            after_held = await q.depth()
-            assert await q.terminate(ids[3], "canceled") == "queued"  # never read
-            return after_held, await q.depth()
+            assert await jq.terminate(ids[0], "canceled") == "queued"  # read by the worker, not started
+            after_held = await jq.depth()
+            assert await jq.terminate(ids[3], "canceled") == "queued"  # never read
+            return ids, after_held, await jq.depth()
         finally:
             await c.aclose()
 
-    after_held, after_unread = asyncio.run(scenario())
-    assert after_held == (2, 2)  # jobs 3 and 4 wait; the worker holds 1 (canceled) and 2
-    assert after_unread == (1, 2)
-    client = redis.Redis.from_url(redis_url)
-    q = WorkerQueue(client, keys, job_ttl_s=60)
-    assert client.xlen(keys.stream) == 3
-    held = client.xpending_range(keys.stream, keys.group, min="-", max="+", count=10)
-    first = Entry(held[0]["message_id"].decode(), "")
-    q.finish(first, "canceled", {})  # what the worker's START of a canceled job leads to
-    assert client.xlen(keys.stream) == 2
+    ids, after_held, after_unread = asyncio.run(scenario())
+    assert after_held == (2, 1)  # jobs 3 and 4 wait; the worker holds 2 (1 was canceled)
+    assert after_unread == (1, 1)
+    time.sleep(0.05)
+    assert [e.job_id for e in q.autoclaim("w2", 10, 10)] == [ids[1]]  # the worker died: only job 2 is taken over
+    assert q.start(ids[0], "w1")[0] == "canceled"  # the first worker's START of the canceled job
+    assert client.xlen(keys.stream) == 2 and client.xpending(keys.stream, keys.group)["pending"] == 1
+
+
+def test_api_lease_is_renewed_while_redis_refuses_writes() -> None:
+    """At maxmemory (noeviction: the manifests' policy, answered 503 queue_backend_full to new jobs)
+    Redis refuses SET but allows PEXPIRE: the lease of a live API process is renewed all along (with
+    SET it lapsed after its TTL, and workers canceled its clients' jobs as owner_gone)."""
+    import asyncio
+
+    import redis.asyncio as aredis
+
+    from service.embedded_redis import EmbeddedRedis
+    from service.queue import ApiLease
+
+    async def scenario(url: str) -> list[bool]:
+        c = aredis.Redis.from_url(url)
+        keys = Keys("lease")
+        lease = ApiLease(c, keys, ttl_s=1.0)
+        await lease.start()
+        seen = []
+        try:
+            await c.config_set("maxmemory", "1")
+            for _ in range(25):  # 2.5 s: 2.5 leases
+                await asyncio.sleep(0.1)
+                seen.append(bool(await c.exists(keys.api_lease(lease.instance))))
+            refused = False
+            try:
+                await c.set("probe", "1")
+            except aredis.RedisError:
+                refused = True
+            assert refused, "maxmemory 1 did not refuse writes: the test proves nothing"
+        finally:
+            await c.config_set("maxmemory", "0")
+            await lease.stop()
+            assert not await c.exists(keys.api_lease(lease.instance))  # released on a clean stop
+            await c.aclose()
+        return seen
+
+    with EmbeddedRedis() as r:
+        assert all(asyncio.run(scenario(r.url)))
