@@ -214,6 +214,9 @@ class ServiceSettings(BaseSettings):
         if self.job_ttl_s <= self.sync_timeout_s:
             raise ValueError("job_ttl_s must exceed sync_timeout_s: a job's record (its TTL counts from "
                              "enqueue) would expire while its synchronous client still waits for it")
+        if self.heartbeat_s >= self.api_lease_s / 2:
+            raise ValueError("heartbeat_s must be below api_lease_s / 2: a worker that hears from Redis less "
+                             "often than that cannot tell a Redis outage from an API process that died")
         if self.max_batch_size < self.max_n:
             raise ValueError("max_batch_size must be >= max_n (a job's images run in one batch)")
         return self

@@ -31,7 +31,7 @@ from .keys import REDIS_CLIENT_OPTIONS, Keys
 from .metrics import WorkerMetrics
 from .queue import LocalResults
 from .settings import ServiceSettings
-from .spec import JobSpec
+from .spec import TERMINAL, JobSpec
 from .worker_queue import Entry, WorkerQueue
 
 log = logging.getLogger(__name__)
@@ -170,6 +170,7 @@ class Worker:
         self.backend_ok = True
         """False from a failed Redis call of the loop until its next step succeeds: not ``serving``."""
         self.redis_ok_since: float | None = time.monotonic()
+        self._last_beat_ok = time.monotonic()
         """Since when this worker's Redis calls have succeeded (None after a failure): ``owner_checks``."""
         self.winding_down = False
         """Set when its process is stopping (``ldserve serve``'s API draining): no more calibrations."""
@@ -269,8 +270,7 @@ class Worker:
         while not self._hb_stop.wait(self.settings.heartbeat_s):
             try:
                 self._beat()
-                if self.redis_ok_since is None:
-                    self.redis_ok_since = time.monotonic()
+                self.beat_ok(time.monotonic())
                 self._stop_orphans()
                 if time.monotonic() - pruned_at > PRUNE_EVERY_S:
                     pruned_at = time.monotonic()
@@ -302,6 +302,15 @@ class Worker:
                 log.warning("job %s canceled: the API process %s waiting for it is gone", h.entry.job_id,
                             h.entry.owner)
                 self.metrics.jobs.labels(status="canceled").inc()
+
+    def beat_ok(self, now: float) -> None:
+        """A heartbeat succeeded at ``now``. Its calls are the only ones this worker makes during a
+        batch, so a gap since the last good one longer than half an API lease (a Redis outage between
+        two beats, or a call that hung and then went through) counts as an outage: owners are not
+        judged until live APIs have had time to renew (a review canceled a live API's job that way)."""
+        if self.redis_ok_since is None or now - self._last_beat_ok > self.settings.api_lease_s / 2:
+            self.redis_ok_since = now
+        self._last_beat_ok = now
 
     def owner_checks(self) -> bool:
         """Whether to judge jobs' owners now: once Redis has answered this worker for longer than an
@@ -367,6 +376,10 @@ class Worker:
             return
         self._last_recover = now
         for e in self.queue.autoclaim(self.consumer, self.settings.claim_idle_ms, self.settings.max_batch_size):
+            ended = self.queue.status(e.job_id)
+            if ended in TERMINAL:  # canceled or expired while its worker was gone: nothing to redeliver
+                self.queue.finish(e, ended, {})
+                continue
             if e.deliveries > self.settings.max_deliveries:
                 reason = f"dead-lettered after {e.deliveries - 1} deliveries (worker lost each time)"
                 log.error("job %s %s", e.job_id, reason)

@@ -125,6 +125,10 @@ class WorkerQueue:
             args=[consumer, self.keys.events, job_id, OWNER_GONE_ERROR, "1" if owner else "0"])
         return st.decode(), int(now), int(deadline)
 
+    def status(self, job_id: str) -> str | None:
+        status = self.client.hget(self.keys.job(job_id), "status")
+        return status.decode() if status is not None else None
+
     def gone_owners(self, owners: set[str]) -> set[str]:
         """Which of these API processes no longer hold their lease."""
         if not owners:

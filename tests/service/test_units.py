@@ -84,7 +84,8 @@ def test_settings_fail_fast(monkeypatch: pytest.MonkeyPatch) -> None:
                 {"cors_origins": "*"}, {"max_batch_size": 2, "max_n": 4}, {"transformer_path": "/x"},
                 {"switch_interval_ms": 0}, {"public_base_url": "images.example.com"},
                 {"public_base_url": "https://x.example/?a=1"}, {"model_aliases": "dall e 3"},
-                {"dtype_policy": "bf16"}, {"transformer_path": "/x", "vae_path": " "}, {"job_ttl_s": 20}):
+                {"dtype_policy": "bf16"}, {"transformer_path": "/x", "vae_path": " "}, {"job_ttl_s": 20},
+                {"heartbeat_s": 8}, {"api_lease_s": 2, "heartbeat_s": 1}):
         with pytest.raises(ValidationError):
             ServiceSettings(**bad)  # type: ignore[arg-type]
     assert ServiceSettings(public_base_url="https://x.example/").public_base_url == "https://x.example"
@@ -147,6 +148,54 @@ def test_dead_letter_after_max_deliveries(redis_url: str) -> None:
         assert client.xlen(keys.dlq) == 1 and client.xpending(keys.stream, keys.group)["pending"] == 0
         assert worker.metrics.dead_letters._value.get() == 1
         assert worker.metrics.jobs.labels(status="failed")._value.get() == 1
+    finally:
+        worker.cancel_watch.close()
+
+
+def test_a_job_canceled_on_a_dead_worker_is_not_redelivered(redis_url: str) -> None:
+    """A job canceled while it ran on a worker that then died is acked by the worker that reclaims
+    its entry: no redelivery, no dead letter (it was redelivered, and dead-lettered at MAX_DELIVERIES,
+    although its client had canceled it)."""
+    client = redis.Redis.from_url(redis_url)
+    settings = ServiceSettings(redis_url=redis_url, key_prefix=f"cd{uuid.uuid4().hex[:6]}", claim_idle_ms=100,
+                               max_deliveries=2)
+    keys = Keys(settings.key_prefix)
+    q = WorkerQueue(client, keys, job_ttl_s=60)
+    q.ensure_group()
+    for j in ("j1", "j2"):
+        client.hset(keys.job(j), mapping={"status": "queued", "created_ms": 1, "spec": spec().model_dump_json()})
+        client.xadd(keys.stream, {"job_id": j, "deadline_ms": 0})
+    assert [e.job_id for e in q.read_new("dead-1", 10, None)] == ["j1", "j2"]
+    assert q.start("j1", "dead-1")[0] == "processing" and q.start("j2", "dead-1")[0] == "processing"
+    client.hset(keys.job("j1"), "status", "canceled")  # the API's TERMINATE of a running job
+    worker = Worker(settings, client, WorkerMetrics(CollectorRegistry()), consumer="rescuer")
+    try:
+        time.sleep(0.15)
+        worker._recover()
+        assert [h.entry.job_id for h in worker.held] == ["j2"]  # the live one is taken over
+        assert worker.metrics.redeliveries._value.get() == 1 and worker.metrics.dead_letters._value.get() == 0
+        assert client.hget(keys.job("j1"), "status") == b"canceled"
+        pending = client.xpending_range(keys.stream, keys.group, "-", "+", 10)
+        assert [p["consumer"] for p in pending] == [b"rescuer"] and client.xlen(keys.stream) == 1
+    finally:
+        worker.cancel_watch.close()
+
+
+def test_a_gap_between_heartbeats_counts_as_an_outage(redis_url: str) -> None:
+    """Owners are judged only once Redis has answered for API_LEASE_S/3 + 1 s; a gap between two good
+    heartbeats longer than half a lease (an outage between them, or a call that hung, which raise
+    nothing) restarts that wait: a review saw a live API's job canceled after such an outage."""
+    settings = ServiceSettings(redis_url=redis_url, key_prefix=f"gap{uuid.uuid4().hex[:6]}", api_lease_s=3,
+                               heartbeat_s=1)
+    worker = Worker(settings, redis.Redis.from_url(redis_url), WorkerMetrics(CollectorRegistry()), consumer="w")
+    try:
+        t = time.monotonic()
+        worker.redis_ok_since, worker._last_beat_ok = t - 10, t - 1
+        assert worker.owner_checks()
+        worker.beat_ok(t)  # 1 s after the last: nothing missed
+        assert worker.owner_checks()
+        worker.beat_ok(t + 1.6)  # 1.6 s > 3 / 2 since the last good beat: maybe an outage
+        assert worker.redis_ok_since == t + 1.6 and not worker.owner_checks()
     finally:
         worker.cancel_watch.close()
 
