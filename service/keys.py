@@ -25,14 +25,10 @@ class Keys:
     def idem(self, key: str) -> str:
         return f"{self.prefix}:idem:{hashlib.sha256(key.encode()).hexdigest()}"
 
-    @property
-    def api_lease_prefix(self) -> str:
-        return f"{self.prefix}:api:"
-
     def api_lease(self, instance: str) -> str:
         """Exists while the API process ``instance`` runs (``ApiLease``): the owner of the jobs its
         synchronous and streaming clients wait on."""
-        return self.api_lease_prefix + instance
+        return f"{self.prefix}:api:{instance}"
 
 
 REDIS_SOCKET_TIMEOUT_S = 30.0

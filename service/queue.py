@@ -122,13 +122,12 @@ class JobQueue:
         phash = spec.payload_hash(drawn_seeds=drawn_seeds)
         idem = self.keys.idem(idempotency_key) if idempotency_key else self.keys.job("none")
         timeout_ms = int(timeout_s * 1000) if timeout_s else 0
+        owner = self.lease.instance if owned and self.lease is not None else ""
+        lease_key, lease_ms = (self.keys.api_lease(owner), self.lease.ttl_ms) if owner else (self.keys.job(job_id), 0)
         args = [self.max_len, max(1000, 10 * self.max_len), job_id, spec.model_dump_json(), timeout_ms,
                 self.job_ttl_s, phash, IDEM_TTL_S, "1" if idempotency_key else "0", self.keys.job(""),
-                *self._owner(owned)]
-        owner = args[10]
-        lease_key = self.keys.api_lease(owner) if owner else self.keys.job(job_id)
-        kind, a, b = await self._enqueue(keys=[self.keys.stream, self.keys.job(job_id), idem, lease_key],
-                                         args=args + [spec.batch_tag, spec.n])
+                owner, lease_ms, spec.batch_tag, spec.n]
+        kind, a, b = await self._enqueue(keys=[self.keys.stream, self.keys.job(job_id), idem, lease_key], args=args)
         kind = kind.decode()
         if kind == "full":
             raise QueueFull(int(a), await self.retry_after(int(a)))
@@ -137,12 +136,6 @@ class JobQueue:
                 raise IdempotencyMismatch("Idempotency-Key was used with a different request body")
             return a.decode(), False
         return job_id, True
-
-    def _owner(self, owned: bool) -> list[str | int]:
-        """ENQUEUE's owner arguments: the instance and its lease in ms (or none)."""
-        if not owned or self.lease is None:
-            return ["", 0]
-        return [self.lease.instance, self.lease.ttl_ms]
 
     async def retry_after(self, depth: int) -> int:
         workers = await self.workers()

@@ -481,13 +481,10 @@ class Worker:
         if status == "past_deadline":
             msg = "the job's deadline passed before it reached the GPU"
             self._end(h, "expired", self.queue.fail(h.entry, "expired", "deadline_exceeded", msg))
-        elif status == "owner_gone":  # START canceled it: nobody is left to read it
-            log.warning("dropping job %s before the GPU: the API process %s waiting for it is gone",
-                        h.entry.job_id, h.entry.owner)
-            self.metrics.jobs.labels(status="canceled").inc()
-            self.queue.finish(h.entry, "canceled", {})
-            self._release(h.entry)
         else:
+            if status == "owner_gone":  # START canceled it (nobody is left to read it): counted here
+                log.warning("the API process %s waiting for job %s is gone", h.entry.owner, h.entry.job_id)
+                self.metrics.jobs.labels(status="canceled").inc()
             log.info("dropping job %s (%s) before the GPU", h.entry.job_id, status)
             self.queue.finish(h.entry, status, {})
             self._release(h.entry)

@@ -154,20 +154,19 @@ def job_body(job: Job, encoded: list[bytes] | None) -> dict[str, Any]:
             "urls": {"get": f"/v1/jobs/{job.id}", "cancel": f"/v1/jobs/{job.id}/cancel"}}
 
 
-def stats_headers(job: Job) -> dict[str, str]:
-    """A raw-image response's stats (its body is the image): the first image's, as headers."""
-    r = job.result or {}
-    [item] = image_items(job, None)[:1]
-    st = item["stats"]
-    stop = st["uncond_stop_scale"]
-    return {"x-seed": str(st["seed"]), "x-queue-wait-s": f"{r.get('queue_wait_s', 0.0)}",
-            "x-inference-s": f"{r.get('inference_s', 0.0)}", "x-tokens-computed": str(st["tokens_computed"]),
-            "x-tokens-full": str(st["tokens_full"]), "x-ideal-speedup": f"{st['ideal_speedup']:.4f}",
-            "x-uncond-stop-scale": "none" if stop is None else str(stop), "x-pruning": job.spec.pruning_label}
-
-
 STATS_HEADERS = ("x-seed", "x-queue-wait-s", "x-inference-s", "x-tokens-computed", "x-tokens-full",
                  "x-ideal-speedup", "x-uncond-stop-scale", "x-pruning")
+
+
+def stats_headers(job: Job) -> dict[str, str]:
+    """A raw-image response's stats (its body is the image): the first image's, as ``STATS_HEADERS``."""
+    r = job.result or {}
+    st = image_items(job, None)[0]["stats"]
+    stop = st["uncond_stop_scale"]
+    values = (st["seed"], r.get("queue_wait_s", 0.0), r.get("inference_s", 0.0), st["tokens_computed"],
+              st["tokens_full"], f"{st['ideal_speedup']:.4f}", "none" if stop is None else stop,
+              job.spec.pruning_label)
+    return {name: str(v) for name, v in zip(STATS_HEADERS, values, strict=True)}
 
 
 def generate_body(job: Job, encoded: list[bytes]) -> dict[str, Any]:

@@ -126,16 +126,23 @@ def test_api_process_never_imports_torch() -> None:
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
 
 
-def test_dead_letter_after_max_deliveries(redis_url: str) -> None:
+def _read_by_a_dead_worker(redis_url: str, *job_ids: str) -> tuple[redis.Redis, ServiceSettings, Keys, WorkerQueue]:
+    """Queued jobs whose entries a worker (``dead-1``) read and then died with; reclaimable at once."""
     client = redis.Redis.from_url(redis_url)
-    settings = ServiceSettings(redis_url=redis_url, key_prefix=f"dl{uuid.uuid4().hex[:6]}", claim_idle_ms=100,
+    settings = ServiceSettings(redis_url=redis_url, key_prefix=f"dw{uuid.uuid4().hex[:6]}", claim_idle_ms=100,
                                max_deliveries=2)
     keys = Keys(settings.key_prefix)
     q = WorkerQueue(client, keys, job_ttl_s=60)
     q.ensure_group()
-    client.hset(keys.job("j1"), mapping={"status": "queued", "created_ms": 1, "spec": spec().model_dump_json()})
-    client.xadd(keys.stream, {"job_id": "j1", "deadline_ms": 0})
-    assert [e.job_id for e in q.read_new("dead-1", 10, None)] == ["j1"]
+    for j in job_ids:
+        client.hset(keys.job(j), mapping={"status": "queued", "created_ms": 1, "spec": spec().model_dump_json()})
+        client.xadd(keys.stream, {"job_id": j, "deadline_ms": 0})
+    assert [e.job_id for e in q.read_new("dead-1", 10, None)] == list(job_ids)
+    return client, settings, keys, q
+
+
+def test_dead_letter_after_max_deliveries(redis_url: str) -> None:
+    client, settings, keys, q = _read_by_a_dead_worker(redis_url, "j1")
     client.xclaim(keys.stream, keys.group, "dead-2", 0, [client.xpending_range(keys.stream, keys.group, "-", "+", 1)[
         0]["message_id"]])  # a second worker took it and died too
     worker = Worker(settings, client, WorkerMetrics(CollectorRegistry()), consumer="rescuer")
@@ -156,16 +163,7 @@ def test_a_job_canceled_on_a_dead_worker_is_not_redelivered(redis_url: str) -> N
     """A job canceled while it ran on a worker that then died is acked by the worker that reclaims
     its entry: no redelivery, no dead letter (it was redelivered, and dead-lettered at MAX_DELIVERIES,
     although its client had canceled it)."""
-    client = redis.Redis.from_url(redis_url)
-    settings = ServiceSettings(redis_url=redis_url, key_prefix=f"cd{uuid.uuid4().hex[:6]}", claim_idle_ms=100,
-                               max_deliveries=2)
-    keys = Keys(settings.key_prefix)
-    q = WorkerQueue(client, keys, job_ttl_s=60)
-    q.ensure_group()
-    for j in ("j1", "j2"):
-        client.hset(keys.job(j), mapping={"status": "queued", "created_ms": 1, "spec": spec().model_dump_json()})
-        client.xadd(keys.stream, {"job_id": j, "deadline_ms": 0})
-    assert [e.job_id for e in q.read_new("dead-1", 10, None)] == ["j1", "j2"]
+    client, settings, keys, q = _read_by_a_dead_worker(redis_url, "j1", "j2")
     assert q.start("j1", "dead-1")[0] == "processing" and q.start("j2", "dead-1")[0] == "processing"
     client.hset(keys.job("j1"), "status", "canceled")  # the API's TERMINATE of a running job
     worker = Worker(settings, client, WorkerMetrics(CollectorRegistry()), consumer="rescuer")
