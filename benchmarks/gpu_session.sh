@@ -11,7 +11,11 @@
 # mode writes it as train_profile.txt). Every stage is bounded by `timeout`; a failing stage does
 # not stop the next.
 # INIT_TRANSFORMER (default demo/weights/transformer.safetensors) is the transformer to continue from
-# (bf16 works: stage 6 continued the bf16 export; a 28 MB fp32 file is over the 16 MB a call returns).
+# (bf16 works: stage 6 continued the bf16 export; a 28 MB fp32 file is over the 16 MB a call returns;
+# "none" trains one from its seeded start). TEXT_ENCODER (default demo/weights/text_encoder) is the
+# tiny T5 folder the transformer is conditioned on (e.g. one from `python -m demo.train text`), or
+# "pretrain": pretrain one here first (`python -m demo.train text`, TEXT_STEPS 1800 at batch 128, about a minute);
+# with either, the exported T5 comes back as text_encoder.tgz (the transformer needs the T5 it was trained with).
 # Stage budgets in seconds: BENCH_S (200; 0 skips the benchmarks), VAE_S (90; 0 skips the VAE and keeps the shipped one),
 # TF_S (200), TF2_S (0: no stage 5). Transformer run: TF_BATCH (64), TF_LR (5e-4), TF_SEED (data seed,
 # 3), FLIP_MAX (0: no bitwise self-correction),
@@ -30,6 +34,7 @@ export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 LOG="$OUT/session.log"
 PY=${PYTHON:-python3}
 INIT_TF=${INIT_TRANSFORMER:-demo/weights/transformer.safetensors}
+INIT_ARGS=(--init-transformer "$INIT_TF"); [ "$INIT_TF" = none ] && INIT_ARGS=()
 WORKERS=${WORKERS:-14}
 DEV=${DEVICE:-cuda}
 stage() { echo "=== $(date +%T) $*" | tee -a "$LOG"; }
@@ -42,7 +47,14 @@ $PY -c "import torch, transformers; print(torch.__version__, transformers.__vers
 
 WORK=/tmp/ldserve_gpu
 rm -rf "$WORK"; mkdir -p "$WORK/vae" "$WORK/tf"
-cp -r demo/weights/text_encoder "$WORK/tf/text_encoder"   # the shipped (deterministic) tiny T5
+if [ "${TEXT_ENCODER:-}" = pretrain ]; then
+  stage "text encoder pretraining (${TEXT_STEPS:-1800} steps)"
+  run 300 $PY -m demo.train text --device "$DEV" --steps "${TEXT_STEPS:-1800}" --batch-size 128 --lr 1e-3 \
+      --out "$WORK/text" --log-every 200
+  cp -r "$WORK/text/text_encoder" "$WORK/tf/text_encoder" && cp "$WORK/text/text_encoder.json" "$WORK/tf/"
+else
+  cp -r "${TEXT_ENCODER:-demo/weights/text_encoder}" "$WORK/tf/text_encoder"   # default: the shipped tiny T5
+fi
 
 if [ "$MODE" = smoke ]; then
   stage "gpu_bench tiny on cuda"
@@ -52,6 +64,8 @@ if [ "$MODE" = smoke ]; then
       --init demo/weights/vae.safetensors --data-seed 5 --out "$WORK/vae" --log-every 10
   stage "vae gate on cuda (16 images)"
   run 60 $PY -m demo.evaluate vae "$WORK/vae" --device "$DEV" --n 16
+  stage "text encoder 20 steps"
+  run 90 $PY -m demo.train text --device "$DEV" --steps 20 --batch-size 32 --out "$WORK/text_smoke" --log-every 10
   stage "transformer 30 steps"
   run 120 $PY -m demo.train transformer --device "$DEV" --workers "$WORKERS" --steps 30 --batch-size 64 --lr 5e-4 \
       --per-scale-loss --init-transformer "$INIT_TF" --vae demo/weights/vae.safetensors --data-seed 3 \
@@ -93,7 +107,7 @@ stage "transformer on $VAE"
 cp "$VAE" "$WORK/tf/vae.safetensors"
 run $(( ${TF_S:-200} + 100 )) $PY -m demo.train transformer --device "$DEV" --workers "$WORKERS" \
     --minutes "$(awk "BEGIN{print ${TF_S:-200}/60}")" --steps 100000 --batch-size "${TF_BATCH:-64}" --lr "${TF_LR:-5e-4}" \
-    --per-scale-loss --flip-max "${FLIP_MAX:-0}" --init-transformer "$INIT_TF" --vae "$WORK/tf/vae.safetensors" \
+    --per-scale-loss --flip-max "${FLIP_MAX:-0}" "${INIT_ARGS[@]}" --vae "$WORK/tf/vae.safetensors" \
     --data-seed "${TF_SEED:-3}" --replay "${TF_REPLAY:-0}" ${TF_AMP:+--amp "$TF_AMP"} --out "$WORK/tf" \
     --log-every 200 --save-every "${TF_SAVE_EVERY:-0}" --last-scale-weight "${TF_LAST_W:-1}" \
     --profile "$WORK/tf/train_profile.txt"
@@ -109,6 +123,7 @@ fi
 stage export
 run 60 $PY -m demo.model export "$WORK/tf" "$WORK/export"
 cp "$WORK/export/vae.safetensors" "$WORK/export/transformer.safetensors" "$OUT/" 2>/dev/null
+[ -n "${TEXT_ENCODER:-}" ] && (cd "$WORK/export" && tar czf "$OUT/text_encoder.tgz" text_encoder)  # not the shipped T5
 cp "$WORK/vae/vae.json" "$WORK/tf/vae_run.json" 2>/dev/null
 (cd "$WORK/tf" && tar czf "$OUT/run_logs.tgz" ./*.json ./*.txt) 2>/dev/null   # JSON logs, step profile
 stage "model gate on cuda (64 held-out captions)"

@@ -142,10 +142,20 @@ def score(image_HW3_uint8: np.ndarray, attributes: SceneSpec) -> dict:
             "all_correct": float(n_ok == len(checks))}
 
 
-def mean_scores(images: list[np.ndarray], scenes: list[SceneSpec]) -> dict[str, float]:
-    """Mean adherence and all-correct rate over a set of images, and the rate of each kind of
-    attribute (background, and colour / shape / size over every shape)."""
+def mean_scores(images: list[np.ndarray], scenes: list[SceneSpec]) -> dict:
+    """Mean adherence and all-correct rate over a set of images, the rate of each kind of
+    attribute (background, and colour / shape / size over every shape), and both again per number
+    of shapes in the caption (``by_shape_count``: whether the model binds each shape's words to
+    its own place shows there, as a fall from one shape to two and three)."""
     results = [score(im, sc) for im, sc in zip(images, scenes, strict=True)]
+    groups: dict[int, list[dict]] = {}
+    for r, sc in zip(results, scenes, strict=True):
+        groups.setdefault(len(sc.shapes), []).append(r)
+    return {**_summary(results),
+            "by_shape_count": {n: {"images": len(rs), **_summary(rs)} for n, rs in sorted(groups.items())}}
+
+
+def _summary(results: list[dict]) -> dict:
     kinds: dict[str, list[bool]] = {}
     for r in results:
         for key, ok in r["checks"].items():

@@ -3,12 +3,13 @@
     python -m demo.evaluate vae <dir or vae.safetensors> [--n 64]
     python -m demo.evaluate model <weights dir> [--n 64]
     python -m demo.evaluate teacher <weights dir> [--n 64] [--figure scales.png]
+    python -m demo.evaluate text <weights dir> [--steps 3000] [--references]
 
 ``vae``: held-out images through encoder, the 7-scale quantizer and decoder; PSNR against the
 128-px target and the checker's adherence on the reconstructions (an upper bound for the full
 model: the transformer can only predict these codes). ``model``: one image per held-out caption
 (seed = index) from the unpruned engine at the preset's sampling defaults; the checker's adherence.
-Both print one JSON object.
+``text``: the binding probe of ``demo.text_probe`` on the text encoder. All print one JSON object.
 """
 
 from __future__ import annotations
@@ -157,7 +158,7 @@ def teacher_report(weights_dir: str | Path, n: int = 64, batch: int = 8, split: 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m demo.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=("vae", "model", "teacher"))
+    p.add_argument("what", choices=("vae", "model", "teacher", "text"))
     p.add_argument("path", type=Path)
     p.add_argument("--n", type=int, default=64)
     p.add_argument("--device", default="cpu")
@@ -167,9 +168,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cfg", type=float, help="model: guidance scale (default: the preset's)")
     p.add_argument("--tau", type=float, help="model: sampling temperature (default: the preset's)")
     p.add_argument("--top-p", type=float, help="model: nucleus threshold on bit pairs (default: the preset's)")
+    p.add_argument("--steps", type=int, default=3000, help="text: training steps of the probe's reader")
+    p.add_argument("--references", action="store_true",
+                   help="text: also probe the bag-of-words and absolute-position reference features")
     a = p.parse_args(argv)
     if a.what == "vae":
         report = vae_report(load_vae(a.path), a.n, device=a.device)
+    elif a.what == "text":
+        from model_loader.text_encoder import T5TextEncoder
+
+        from .text_probe import probe_report
+        enc = T5TextEncoder(a.path / "text_encoder", device=a.device, dtype=torch.float32,
+                            max_length=DEMO_PRESET.transformer.text_maxlen)
+        report = probe_report(enc, steps=a.steps, references=a.references)
     elif a.what == "teacher":
         report = teacher_report(a.path, a.n, split=a.split, figure=a.figure)
     else:

@@ -5,22 +5,20 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from model_loader.text_encoder import default_cache_dir
-
-from .preset import DEMO_PRESET, build_demo_text_encoder, demo_file_paths, register_demo_preset
+from .preset import DEMO_PRESET, demo_file_paths, register_demo_preset
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
 
 def demo_text_encoder_dir(weights_dir: Path) -> Path:
-    """The weights folder's text_encoder/ if present, else the deterministic build in the cache."""
+    """The weights folder's text_encoder/. There is no fallback: a transformer only follows captions
+    through the T5 it was trained with (since stage 10 a pretrained one, not the seeded build)."""
     shipped = demo_file_paths(weights_dir)["text_encoder"]
-    if (shipped / "config.json").is_file():
-        return shipped
-    folder = default_cache_dir() / "demo-t5"
-    if not (folder / "config.json").is_file():
-        build_demo_text_encoder(folder)
-    return folder
+    if not (shipped / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{shipped}/config.json is missing: the demo transformer needs the tiny T5 it was trained with; "
+            f"copy the text_encoder/ folder of its training run into {weights_dir}")
+    return shipped
 
 
 def load_demo_engine(weights_dir: str | Path | None = None, device: str = "cpu"):

@@ -1,4 +1,4 @@
-"""CLI: ``python -m demo.train vae|transformer --out DIR --steps N [...]`` (see demo/README.md for the recipe)."""
+"""CLI: ``python -m demo.train vae|transformer|text --out DIR --steps N [...]`` (see demo/README.md for the recipe)."""
 
 from __future__ import annotations
 
@@ -11,12 +11,13 @@ import torch
 
 from .train_common import TrainArgs
 
-DEFAULTS = {"vae": {"lr": 1.5e-3, "batch_size": 8}, "transformer": {"lr": 5e-4, "batch_size": 8}}
+DEFAULTS = {"vae": {"lr": 1.5e-3, "batch_size": 8}, "transformer": {"lr": 5e-4, "batch_size": 8},
+            "text": {"lr": 1e-3, "batch_size": 128}}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m demo.train", description=__doc__)
-    p.add_argument("what", choices=("vae", "transformer"))
+    p.add_argument("what", choices=("vae", "transformer", "text"))
     p.add_argument("--out", type=Path, required=True, help="weights folder (the demo preset's layout)")
     p.add_argument("--steps", type=int, required=True)
     p.add_argument("--batch-size", type=int)
@@ -39,6 +40,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--init", type=Path, help="continue from this vae.safetensors")
     g.add_argument("--shape-weight", type=float, default=4.0,
                    help="extra L1 weight of pixels off the image's median colour (0: plain L1)")
+    g = p.add_argument_group("text (the tiny T5's pretraining, demo/train_text.py)")
+    g.add_argument("--qk-scale", type=float, default=0.2,
+                   help="scale of the seeded T5's query/key weights at the start")
     g = p.add_argument_group("transformer")
     g.add_argument("--vae", type=Path, help="trained vae.safetensors (default: <out>/vae.safetensors)")
     g.add_argument("--cond-drop", type=float, default=0.1, help="probability of the unconditional text")
@@ -73,6 +77,10 @@ def main(argv: list[str] | None = None) -> None:
         from .train_vae import train_vae
 
         train_vae(args, crop=a.crop, beta=a.beta, init=str(a.init) if a.init else None, shape_weight=a.shape_weight)
+    elif a.what == "text":
+        from .train_text import train_text_encoder
+
+        train_text_encoder(args, qk_scale=a.qk_scale)
     else:
         from .train_transformer import train_transformer
 

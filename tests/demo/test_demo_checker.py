@@ -43,3 +43,21 @@ def test_corrupted_images_score_low() -> None:
     assert np.mean([r["all_correct"] for r in swapped]) == 0.0
     shuffled = [score(a.image_HW3, b.attributes)["adherence"] for a, b in zip(samples, samples[1:], strict=False)]
     assert np.mean(shuffled) < 0.6
+
+
+def test_by_shape_count_shows_swapped_bindings() -> None:
+    """Captions whose shapes trade colours (the same words, bound to other places) fail colour in
+    the two- and three-shape groups only, while every group of the true captions stays high."""
+    samples = make_split(90, seed=14)
+    true = mean_scores([s.image_HW3 for s in samples], [s.attributes for s in samples])["by_shape_count"]
+    assert sorted(true) == [1, 2, 3] and sum(g["images"] for g in true.values()) == 90
+    assert all(g["per_attribute"]["colour"] >= 0.95 for g in true.values())
+    rotated = []
+    for s in samples:  # shape i gets the colour of shape i+1 (a single shape keeps its own)
+        sh = s.attributes.shapes
+        rotated.append(replace(s.attributes, shapes=tuple(
+            replace(x, colour=sh[(i + 1) % len(sh)].colour) for i, x in enumerate(sh))))
+    by_n = mean_scores([s.image_HW3 for s in samples], rotated)["by_shape_count"]
+    assert by_n[1]["per_attribute"]["colour"] >= 0.95
+    for n in (2, 3):  # colours can repeat across shapes, so a few still match
+        assert by_n[n]["per_attribute"]["colour"] <= 0.3, by_n[n]
