@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from demo.preset import build_demo_text_encoder
 from model_loader.checkpoint_io import save_safetensors
 from model_loader.configs import get_preset
 from model_loader.random_init import random_model
@@ -18,6 +19,7 @@ def test_quality_benchmark_writes_rows_and_charts(tmp_path):
     weights.mkdir()
     save_safetensors(model.transformer, weights / "transformer.safetensors")
     save_safetensors(model.vae, weights / "vae.safetensors")
+    build_demo_text_encoder(weights / "text_encoder")  # any T5 serves random weights; there is no fallback
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "-m", "benchmarks.quality", "--weights", str(weights), "--prompts", "2",
                            "--seeds", "1", "--out", str(out), "--json"], cwd=ROOT, capture_output=True, text=True,
