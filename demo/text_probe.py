@@ -193,5 +193,6 @@ def _probe_one(encoder: T5TextEncoder, fn: FeatureFn, train: list[SceneSpec], te
         loss.backward()
         opt.step()
     reader.eval()
-    return {split: reader.accuracy(*_features(encoder, fn, scenes), scene_targets(scenes))
-            for split, scenes in (("train", train[:len(test)]), ("heldout", test))}
+    n = min(len(train), len(test))  # train rows: the features computed above, not encoded again
+    return {"train": reader.accuracy(x_BLC[:n], m_BL[:n], targets.take(torch.arange(n))),
+            "heldout": reader.accuracy(*_features(encoder, fn, test), scene_targets(test))}
