@@ -345,12 +345,16 @@ class RunLog:
                 "total_s": float(sum(self.step_times)), "history": self.history}
 
 
+def args_dict(args: TrainArgs) -> dict[str, Any]:
+    """The run's arguments as JSON-ready values (paths as strings), as every run JSON records them."""
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(args).items()}
+
+
 def save_run(module: nn.Module, out: Path, name: str, config: Any, args: TrainArgs, log: RunLog) -> Path:
     """``<out>/<name>.safetensors`` (our state-dict names) and ``<out>/<name>.json`` (config, args, losses)."""
     out.mkdir(parents=True, exist_ok=True)
     path = save_safetensors(module, out / f"{name}.safetensors", metadata={"demo_model": name})
-    args_d = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(args).items()}
-    meta = {"config": asdict(config), "args": args_d, **log.summary()}
+    meta = {"config": asdict(config), "args": args_dict(args), **log.summary()}
     (out / f"{name}.json").write_text(json.dumps(meta, indent=1))
     logger.info("saved %s and %s.json", path, name)
     return path

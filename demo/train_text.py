@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -32,7 +31,7 @@ from model_loader.text_encoder import T5TextEncoder
 from .dataset import draw_attributes
 from .preset import DEMO_PRESET, build_demo_text_encoder
 from .text_probe import CellReader, scene_targets
-from .train_common import RunLog, TimeBudget, TrainArgs, check_finite, lr_at, seed_everything
+from .train_common import RunLog, TimeBudget, TrainArgs, args_dict, check_finite, lr_at, seed_everything
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +89,6 @@ def train_text_encoder(args: TrainArgs, *, qk_scale: float = 0.2, eval_captions:
                  for split in ("train", "heldout")}
     logger.info("reader accuracy after %d steps: %s", step, final)
     model.save_pretrained(folder, safe_serialization=True)  # the tokenizer files stay as the seeded build wrote them
-    args_d = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(args).items()}
-    meta = {"args": args_d, "qk_scale": qk_scale, "reader_accuracy": final, **log.summary()}
+    meta = {"args": args_dict(args), "qk_scale": qk_scale, "reader_accuracy": final, **log.summary()}
     (args.out / "text_encoder.json").write_text(json.dumps(meta, indent=1))
     return folder
