@@ -152,7 +152,20 @@ def mean_scores(images: list[np.ndarray], scenes: list[SceneSpec]) -> dict:
     for r, sc in zip(results, scenes, strict=True):
         groups.setdefault(len(sc.shapes), []).append(r)
     return {**_summary(results),
-            "by_shape_count": {n: {"images": len(rs), **_summary(rs)} for n, rs in sorted(groups.items())}}
+            "by_shape_count": {n: {"images": len(rs), **_summary(rs)} for n, rs in sorted(groups.items())},
+            "shape_reads": shape_confusion(results, scenes)}
+
+
+def shape_confusion(results: list[dict], scenes: list[SceneSpec]) -> dict[str, dict[str, int]]:
+    """Per shape kind a caption asked for, how often each kind was read in its cell (``none``: no
+    object, or too few pixels of its colour to measure): whether misses are spread or all read as
+    one kind (blobs read as squares or circles) shows here."""
+    counts: dict[str, dict[str, int]] = {k: {} for k in SHAPES}
+    for r, sc in zip(results, scenes, strict=True):
+        for i, s in enumerate(sc.shapes):
+            got = r["read"][f"shape{i}.shape"] or "none"
+            counts[s.shape][got] = counts[s.shape].get(got, 0) + 1
+    return {k: dict(sorted(v.items())) for k, v in counts.items()}
 
 
 def _summary(results: list[dict]) -> dict:

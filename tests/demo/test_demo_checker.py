@@ -61,3 +61,23 @@ def test_by_shape_count_shows_swapped_bindings() -> None:
     assert by_n[1]["per_attribute"]["colour"] >= 0.95
     for n in (2, 3):  # colours can repeat across shapes, so a few still match
         assert by_n[n]["per_attribute"]["colour"] <= 0.3, by_n[n]
+
+
+def test_shape_reads_count_what_was_read_per_asked_kind() -> None:
+    """On the generator's images the counts sit on the diagonal; judged against captions that ask
+    for the next kind of shape, the same reads move off it, onto the kind that was drawn."""
+    from demo.dataset import SHAPES
+
+    samples = make_split(60, seed=15)
+    images = [s.image_HW3 for s in samples]
+    true = mean_scores(images, [s.attributes for s in samples])["shape_reads"]
+    n_shapes = sum(len(s.attributes.shapes) for s in samples)
+    assert sum(sum(v.values()) for v in true.values()) == n_shapes
+    assert sum(true[k].get(k, 0) for k in SHAPES) >= 0.95 * n_shapes
+    nxt = {k: SHAPES[(i + 1) % len(SHAPES)] for i, k in enumerate(SHAPES)}
+    asked = [replace(s.attributes, shapes=tuple(replace(x, shape=nxt[x.shape]) for x in s.attributes.shapes))
+             for s in samples]
+    moved = mean_scores(images, asked)["shape_reads"]
+    assert sum(moved[k].get(k, 0) for k in SHAPES) <= 0.05 * n_shapes
+    prev = {v: k for k, v in nxt.items()}
+    assert sum(moved[k].get(prev[k], 0) for k in SHAPES) >= 0.95 * n_shapes
