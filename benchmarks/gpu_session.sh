@@ -68,7 +68,7 @@ if [ "$MODE" = smoke ]; then
   run 90 $PY -m demo.train text --device "$DEV" --steps 20 --batch-size 32 --out "$WORK/text_smoke" --log-every 10
   stage "transformer 30 steps"
   run 120 $PY -m demo.train transformer --device "$DEV" --workers "$WORKERS" --steps 30 --batch-size 64 --lr 5e-4 \
-      --per-scale-loss --init-transformer "$INIT_TF" --vae demo/weights/vae.safetensors --data-seed 3 \
+      --per-scale-loss "${INIT_ARGS[@]}" --vae demo/weights/vae.safetensors --data-seed 3 \
       --out "$WORK/tf" --log-every 10 --profile "$OUT/train_profile.txt"
   stage "model gate on cuda (8 captions, shipped weights)"
   run 60 $PY -m demo.evaluate model demo/weights --device "$DEV" --n 8
