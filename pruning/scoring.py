@@ -32,9 +32,22 @@ def haar_energy(residual_Dhw: torch.Tensor) -> torch.Tensor:
     return resp.pow(2).sum(dim=(0, 1))
 
 
-def smooth_and_resize(energy_hw: torch.Tensor, grid: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
-    """3x3 average (stride 1, zero padding counted, as nn.AvgPool2d) then resize to ``grid``."""
-    e = F.avg_pool2d(energy_hw[None, None], kernel_size=3, stride=1, padding=1)
+SMOOTH_MIN_SIDE = 8
+"""``smooth="auto"`` averages energy maps whose shorter side is at least this many cells: every map
+LHEP's default scales give at 1024 px (any aspect ratio; square: 16 to 24 cells a side, the
+paper's) and at 512 and 768 px square; not the 3x3 to 6x6 maps of the demo's 7-scale schedule,
+where a 3x3 average spans half the image side or more."""
+
+
+def smooth_and_resize(energy_hw: torch.Tensor, grid: tuple[int, int], mode: str = "bilinear",
+                      smooth: str = "always") -> torch.Tensor:
+    """3x3 average (stride 1, zero padding counted, as nn.AvgPool2d) then resize to ``grid``.
+
+    ``smooth``: "always" (the paper), "never", or "auto" (only maps with both sides >= SMOOTH_MIN_SIDE).
+    """
+    e = energy_hw[None, None]
+    if smooth == "always" or (smooth == "auto" and min(e.shape[-2:]) >= SMOOTH_MIN_SIDE):
+        e = F.avg_pool2d(e, kernel_size=3, stride=1, padding=1)
     if tuple(e.shape[-2:]) != tuple(grid):
         kw = {"align_corners": False} if mode == "bilinear" else {}
         e = F.interpolate(e, size=tuple(grid), mode=mode, **kw)
@@ -74,10 +87,11 @@ def distance_from_mean(tokens_LC: torch.Tensor) -> torch.Tensor:
     return (x - x.mean(dim=0, keepdim=True)).pow(2).sum(dim=-1)
 
 
-def lhep_energy(prev_residual_Dhw: torch.Tensor, token_grid: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
+def lhep_energy(prev_residual_Dhw: torch.Tensor, token_grid: tuple[int, int], mode: str = "bilinear",
+                smooth: str = "always") -> torch.Tensor:
     """Per-token energy (h*w,) of the scale with ``token_grid`` from the previous residual code map.
 
     For patchified models the residual is at VAE resolution (2h x 2w): the stride-2 Haar
     transform then yields one value per token of the previous scale, as decided in ld-pruning.md.
     """
-    return smooth_and_resize(haar_energy(prev_residual_Dhw), token_grid, mode).flatten()
+    return smooth_and_resize(haar_energy(prev_residual_Dhw), token_grid, mode, smooth).flatten()

@@ -259,6 +259,14 @@ def test_smoothing_and_resize_hand_example():
     assert smooth_and_resize(row, (1, 8), mode="nearest").tolist() == [[2.0] * 6 + [0.0] * 2]
     # bilinear, align_corners=False: output x samples input (x + 0.5) / 2 - 0.5 -> 2.25, 2.75, 3.25 (clamped)
     assert smooth_and_resize(row, (1, 8)).tolist()[0][-3:] == pytest.approx([1.5, 0.5, 0.0])
+    # "never" resizes only; "auto" averages maps of >= 8 cells a side (the paper's at 1024 px), not smaller
+    assert smooth_and_resize(e, (2, 2), smooth="never").tolist() == e.tolist()
+    assert smooth_and_resize(e, (2, 2), smooth="auto").tolist() == e.tolist()
+    big = torch.zeros(8, 12)
+    big[3, 5] = 9.0
+    assert torch.equal(smooth_and_resize(big, (8, 12), smooth="auto"), smooth_and_resize(big, (8, 12)))
+    assert smooth_and_resize(big, (8, 12), smooth="auto")[2:5, 4:7].eq(1.0).all()
+    assert torch.equal(smooth_and_resize(big[:7], (7, 12), smooth="auto"), big[:7])
 
 
 def test_cumulative_threshold_hand_example():
