@@ -41,16 +41,27 @@ POLICIES = {
     "fastvar-style": FastVARStyle,
     "skipvar-style": lambda: SkipVARStyle(stop_uncond_from=-3),
     "rho 0.3": lambda: LDPruning(PruningConfig(energy_keep_ratio=0.3)),
+    "rho 0.6": lambda: LDPruning(PruningConfig(energy_keep_ratio=0.6)),  # as many tokens as the paper's fill keeps
     "rho 0.7": lambda: LDPruning(PruningConfig(energy_keep_ratio=0.7)),
     "rho 0.9": lambda: LDPruning(PruningConfig(energy_keep_ratio=0.9)),
     "delta 0.05": lambda: LDPruning(PruningConfig(uncond_stop_tol=0.05)),
     "delta 0.3": lambda: LDPruning(PruningConfig(uncond_stop_tol=0.3)),
+    # the demo's guidance discrepancy changes by 30-55 % from scale to scale (median gamma), so the
+    # paper's delta 0.15 hardly ever stops the unconditional branch here; 0.5 does
+    "delta 0.5": lambda: LDPruning(PruningConfig(uncond_stop_tol=0.5)),
+    "sats-only, delta 0.5": lambda: LDPruning(PruningConfig(lhep=False, uncond_stop_tol=0.5)),
+    "ld light, delta 0.5": lambda: LDPruning(PruningConfig(lhep_last_scales=1, uncond_stop_tol=0.5)),
     "fill nearest (paper)": lambda: LDPruning(PruningConfig(fill_mode="nearest")),
     "energy nearest": lambda: LDPruning(PruningConfig(energy_interp="nearest")),
-    # The paper prunes the last 3 of 13 scales (1024 px); on a 7-scale schedule those 3 hold 89 %
-    # of the tokens, so fewer pruned scales show where the fidelity goes.
-    "ld last 2 scales": lambda: LDPruning(PruningConfig(lhep_last_scales=2)),
+    # project decisions of the scale set and the energy average: the defaults prune the last 2 of
+    # the demo's 7 scales (77 % of its tokens, as the paper's 3 of 13 hold 76 %) and skip the 3x3
+    # average on maps under 16 cells a side; the paper's count and average, alone and together
+    "energy smoothed (paper)": lambda: LDPruning(PruningConfig(energy_smoothing="always")),
+    "ld last 3 scales": lambda: LDPruning(PruningConfig(lhep_last_scales=3)),
+    "ld last 3, smoothed": lambda: LDPruning(PruningConfig(lhep_last_scales=3, energy_smoothing="always")),
     "ld light (last scale)": lambda: LDPruning(pruning_config("light")),  # the demo's service default
+    # LHEP with the unconditional branch stopped as SkipVAR-style stops it (last 3 scales of 7)
+    "ld + uncond stop (last 3)": lambda: LDPruning(PruningConfig(force_stop_scale=4)),
 }
 
 

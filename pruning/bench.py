@@ -65,10 +65,11 @@ def policy_factories(num_scales: int, sweep: list[float]) -> dict[str, callable]
         "fastvar-style": FastVARStyle,
         "skipvar-style": lambda: SkipVARStyle(stop_uncond_from=-3),
         "forced-0.35+sats@-4": lambda: LDPruning(PruningConfig(force_keep_fraction=0.35, sats=False,
-                                                               force_stop_scale=n - 4)),
+                                                               force_stop_scale=n - 4, lhep_last_scales=3)),
     }
-    for f in sweep:
-        out[f"forced-{f:g}"] = lambda f=f: LDPruning(PruningConfig(force_keep_fraction=f, sats=False))
+    for f in sweep:  # forced fractions on the last 3 scales whatever the schedule (the paper's count)
+        out[f"forced-{f:g}"] = lambda f=f: LDPruning(PruningConfig(force_keep_fraction=f, sats=False,
+                                                                   lhep_last_scales=3))
     return out
 
 

@@ -2,8 +2,11 @@
 
 Paper symbols: rho = ``energy_keep_ratio`` (LHEP), delta = ``uncond_stop_tol`` (SATS).
 Scale sets are relative to the end of the schedule by default (project decision, ld-pruning.md
-section 4): LHEP on the last 3 scales, SATS on the last 4, which equals the paper's sets at
-1024x1024 and gives scales 7-9 / 6-9 at 512x512. Explicit absolute scale sets override them.
+section 4): LHEP on the fewest last scales that hold ``LHEP_TOKEN_SHARE`` of the schedule's tokens,
+SATS on the last 4. At every aspect ratio of the 512, 768 and 1024 px schedules the LHEP set is
+their last 3 scales (the paper's set at 1024x1024: 76 % of the tokens); on the 7-scale 256 px
+schedule (the demo's) it is the last 2 (77 %), where the last 3 would hold 89 % and take in the 8x8
+scale, which still places the figures. Explicit counts or absolute scale sets override them.
 """
 
 from __future__ import annotations
@@ -13,6 +16,11 @@ from typing import Literal
 
 EnergyInterp = Literal["bilinear", "nearest"]
 FillMode = Literal["nearest", "zero"]
+EnergySmoothing = Literal["always", "auto", "never"]
+
+LHEP_TOKEN_SHARE = 0.7
+"""Default LHEP set: the fewest last scales holding this share of the schedule's tokens (0.70 and
+0.72 give the same sets on every schedule template; 0.75 would take a 4th scale at some ratios)."""
 
 
 @dataclass(frozen=True)
@@ -24,7 +32,8 @@ class PruningConfig:
     """Latent high-frequency energy pruning: recompute only high-energy tokens at detail scales."""
     energy_keep_ratio: float = 0.5
     """rho: keep the highest-energy tokens that hold this fraction of the scale's total energy."""
-    lhep_last_scales: int = 3
+    lhep_last_scales: int | None = None
+    """LHEP on this many last scales; None: the fewest holding ``LHEP_TOKEN_SHARE`` of the tokens."""
     lhep_scales: tuple[int, ...] | None = None
     """Absolute scale indices; overrides lhep_last_scales."""
     sats: bool = True
@@ -37,6 +46,14 @@ class PruningConfig:
     eps: float = 1e-6
     energy_interp: EnergyInterp = "bilinear"
     """Resampling of the smoothed energy map to the scale's grid."""
+    energy_smoothing: EnergySmoothing = "auto"
+    """The 3x3 average of the Haar energy map before resizing: ``always`` (the paper), ``never``, or
+    ``auto`` (project decision: maps of 8 or more cells a side only, so every map of the default
+    scales at 1024 px and at 512/768 px square, the paper's among them). On smaller maps the average
+    spans half the image side or more: on the demo (maps of 3 to 6 cells) the quarter of the tokens
+    it ranks first holds 26 / 32 / 58 % of the pixel change that removing each token causes at the
+    8x8 / 12x12 / 16x16 scales (random 25-27 %), unaveraged 67 / 70 / 76 % (oracle 89-92 %;
+    ``benchmarks.lhep_oracle``, demo/weights/MODEL_CARD.md)."""
     fill_mode: FillMode = "zero"
     """Skipped tokens add nothing to the latent (``zero``, project decision), or the previous
     residual upsampled nearest (``nearest``, the paper's fill). The multi-scale quantizer's codes
@@ -59,8 +76,9 @@ class PruningConfig:
         if not 0.0 <= self.uncond_stop_tol <= 10.0:
             bad("uncond_stop_tol", "must be in [0, 10]")
         for name in ("lhep_last_scales", "sats_last_scales"):
-            if not 0 <= getattr(self, name) <= 13:
-                bad(name, "must be in [0, 13]")
+            val = getattr(self, name)
+            if (val is not None or name == "sats_last_scales") and not (isinstance(val, int) and 0 <= val <= 13):
+                bad(name, "must be in [0, 13]" + (" or None" if name == "lhep_last_scales" else ""))
         for name in ("lhep_scales", "sats_scales"):
             val = getattr(self, name)
             if val is not None and (any(not 0 <= s < 13 for s in val) or len(set(val)) != len(val)):
@@ -73,6 +91,8 @@ class PruningConfig:
             bad("eps", "must be positive")
         if self.energy_interp not in ("bilinear", "nearest"):
             bad("energy_interp", "must be 'bilinear' or 'nearest'")
+        if self.energy_smoothing not in ("always", "auto", "never"):
+            bad("energy_smoothing", "must be 'always', 'auto' or 'never'")
         if self.fill_mode not in ("nearest", "zero"):
             bad("fill_mode", "must be 'nearest' or 'zero'")
         if self.force_keep_fraction is not None and not 0.0 < self.force_keep_fraction <= 1.0:
@@ -91,14 +111,23 @@ class PruningConfig:
             raise ValueError(f"pruning.force_stop_scale: {self.force_stop_scale} is past the end of this "
                              f"{num_scales}-scale schedule")
 
-    def lhep_set(self, num_scales: int) -> frozenset[int]:
+    def lhep_set(self, grids: tuple[tuple[int, int], ...]) -> frozenset[int]:
+        """LHEP's scale indices on the schedule ``grids``."""
+        num_scales = len(grids)
         if not self.lhep:
             return frozenset()
         if self.lhep_scales is not None:
             return frozenset(s for s in self.lhep_scales if s < num_scales)
-        return frozenset(range(max(1, num_scales - self.lhep_last_scales), num_scales))
+        last = self.lhep_last_scales
+        if last is None:
+            tokens = [h * w for h, w in grids]
+            last = next((k for k in range(1, num_scales) if sum(tokens[-k:]) >= LHEP_TOKEN_SHARE * sum(tokens)),
+                        num_scales - 1)
+        return frozenset(range(max(1, num_scales - last), num_scales))
 
-    def sats_set(self, num_scales: int) -> frozenset[int]:
+    def sats_set(self, grids: tuple[tuple[int, int], ...]) -> frozenset[int]:
+        """SATS's scale indices on the schedule ``grids``."""
+        num_scales = len(grids)
         if not self.sats:
             return frozenset()
         if self.sats_scales is not None:

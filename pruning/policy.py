@@ -97,8 +97,8 @@ class LDPruning:
         n = len(grids)
         if n:
             self.config.check_schedule(n)
-        self.lhep_scales = self.config.lhep_set(n)
-        self.sats_scales = self.config.sats_set(n)
+        self.lhep_scales = self.config.lhep_set(grids)
+        self.sats_scales = self.config.sats_set(grids)
         # Delta is also measured one scale before the first SATS scale so gamma exists there
         self.measure_scales = self.sats_scales | {min(self.sats_scales) - 1} if self.sats_scales else frozenset()
         self.prev_delta: float | None = None
@@ -112,7 +112,7 @@ class LDPruning:
         run_uncond = self.stopped_at is None
         if ctx.scale_idx not in self.lhep_scales or ctx.prev_residual_Dhw is None:
             return ScalePlan(run_uncond=run_uncond)
-        energy = lhep_energy(ctx.prev_residual_Dhw, ctx.grid, cfg.energy_interp)
+        energy = lhep_energy(ctx.prev_residual_Dhw, ctx.grid, cfg.energy_interp, cfg.energy_smoothing)
         if cfg.force_keep_fraction is not None:
             keep = select_top_fraction(energy, cfg.force_keep_fraction)
         else:

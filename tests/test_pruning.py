@@ -9,14 +9,14 @@ from model_loader.configs import get_preset
 from model_loader.generate import generate as baseline_generate
 from model_loader.random_init import random_model
 from model_loader.sampling import SamplingParams, sample_bits_, sample_kept_bits_
-from model_loader.schedules import scale_schedule
+from model_loader.schedules import TEMPLATES, scale_schedule
 from model_loader.text_cond import TextCond
 from pruning import FastVARStyle, LDPruning, NoPruning, PruningConfig, SkipVARStyle, generate, pruning_config
 from pruning.policy import ScaleContext, ScaleObservation
 from pruning.scoring import haar_energy, select_by_cumulative_energy, select_top_fraction, smooth_and_resize
 from pruning.stats import scale_flops
 
-GRIDS = scale_schedule(1.0, "0.06M")  # 7 scales up to 16x16: LHEP on 4..6, SATS on 3..6
+GRIDS = scale_schedule(1.0, "0.06M")  # 7 scales up to 16x16: LHEP on 5..6 (default), SATS on 3..6
 
 
 def _text(n: int, seed: int = 0, channels: int = 256) -> TextCond:
@@ -324,6 +324,9 @@ def test_sats_never_stops_with_zero_tolerance_and_force_stop():
                                       ({"uncond_stop_tol": -1}, "uncond_stop_tol"),
                                       ({"lhep_scales": (0, 5)}, "lhep_scales"),
                                       ({"fill_mode": "bicubic"}, "fill_mode"),
+                                      ({"energy_smoothing": "gaussian"}, "energy_smoothing"),
+                                      ({"lhep_last_scales": -1}, "lhep_last_scales"),
+                                      ({"sats_last_scales": None}, "sats_last_scales"),
                                       ({"force_keep_fraction": 1.5}, "force_keep_fraction")])
 def test_invalid_settings_name_the_field(kw, field):
     with pytest.raises(ValueError, match=field):
@@ -337,11 +340,19 @@ def test_presets_and_scale_sets():
         pruning_config("balanced", rho=0.3)
     bal = pruning_config("balanced")
     assert bal.energy_keep_ratio == 0.5 and bal.uncond_stop_tol == 0.15
-    assert bal.lhep_set(13) == {10, 11, 12} and bal.sats_set(13) == {9, 10, 11, 12}
-    assert bal.lhep_set(10) == {7, 8, 9} and bal.sats_set(10) == {6, 7, 8, 9}
+    g1024, g512, g256 = (scale_schedule(1.0, pn) for pn in ("1M", "0.25M", "0.06M"))
+    assert bal.lhep_set(g1024) == {10, 11, 12} and bal.sats_set(g1024) == {9, 10, 11, 12}  # the paper's sets
+    assert bal.lhep_set(g512) == {7, 8, 9} and bal.sats_set(g512) == {6, 7, 8, 9}
+    assert bal.lhep_set(g256) == {5, 6} and bal.sats_set(g256) == {3, 4, 5, 6}  # 12x12 and 16x16: 77 % of tokens
+    # every template of the 512-1024 px schedules: the last 3 scales; 256 px: the last 2
+    for pn, last in (("1M", 3), ("0.60M", 3), ("0.25M", 3), ("0.06M", 2)):
+        for ratio in TEMPLATES:
+            g = scale_schedule(ratio, pn)
+            assert bal.lhep_set(g) == set(range(len(g) - last, len(g))), (pn, ratio)
+    assert PruningConfig(lhep_last_scales=3).lhep_set(g256) == {4, 5, 6}
     assert not pruning_config("off").enabled
     light = pruning_config("light")
-    assert light.energy_keep_ratio == 0.5 and light.lhep_set(7) == {6} and light.sats_set(7) == bal.sats_set(7)
+    assert light.energy_keep_ratio == 0.5 and light.lhep_set(g256) == {6} and light.sats_set(g256) == bal.sats_set(g256)
 
 
 def test_padded_layout_equals_packed(model):
