@@ -28,6 +28,12 @@ class PruningOptions(BaseModel):
     fill_mode: Literal["zero", "nearest"] | None = Field(
         None, description="Tokens LHEP skips add nothing (zero, default) or repeat the previous residual "
                           "upsampled (nearest, the paper's fill)")
+    lhep_last_scales: int | None = Field(
+        None, ge=1, le=12, description="LHEP on this many last scales (default: the fewest holding 70% of the "
+                                       "tokens: 3 at 512-1024 px, 2 at 256 px)")
+    energy_smoothing: Literal["auto", "always", "never"] | None = Field(
+        None, description="3x3 average of the energy map: always (the paper), never, or auto (default: maps of "
+                          "8+ cells a side)")
 
 
 PruningField = PresetName | PruningOptions | None

@@ -80,6 +80,21 @@ def test_formats_and_aspect_ratio(serve: Proc, fmt: str) -> None:
     assert img.size[0] > img.size[1] and r.json()["pruning"] == "custom"
 
 
+def test_lhep_scale_count_and_energy_average_per_request(serve: Proc) -> None:
+    """256 px (7 scales): the default prunes the last 2 scales; asking for the last 1 computes more
+    tokens, for the last 3 fewer; the paper's energy average is accepted and labelled custom."""
+    computed = {}
+    for last in (None, 1, 3):
+        pruning = {"preset": "balanced", "sats": False} | ({} if last is None else {"lhep_last_scales": last})
+        r = post(serve, "/generate", {"prompt": "a red fox", "seed": 3, "width": 256, "height": 256,
+                                      "pruning": pruning})
+        assert r.status_code == 200, r.text
+        computed[last] = r.json()["data"][0]["stats"]["tokens_computed"]
+    assert computed[3] < computed[None] < computed[1]
+    r = post(serve, "/generate", {"prompt": "a red fox", "seed": 3, "pruning": {"energy_smoothing": "always"}})
+    assert r.status_code == 200 and r.json()["pruning"] == "custom"
+
+
 def test_raw_image_with_accept_header(serve: Proc) -> None:
     r = post(serve, "/generate", {"prompt": "a tree", "seed": 11}, {"Accept": "image/webp"})
     assert r.status_code == 200 and r.headers["content-type"] == "image/webp"
@@ -270,6 +285,9 @@ BAD = [
     ({"prompt": "x", "pruning": {"energy_keep_ratio": 0}}, 422, "pruning.energy_keep_ratio"),
     ({"prompt": "x", "pruning": {"preset": "turbo"}}, 400, "pruning.preset"),
     ({"prompt": "x", "pruning": {"fill_mode": "bicubic"}}, 422, "pruning.fill_mode"),
+    ({"prompt": "x", "pruning": {"lhep_last_scales": 0}}, 422, "pruning.lhep_last_scales"),
+    ({"prompt": "x", "pruning": {"energy_smoothing": "gaussian"}}, 422, "pruning.energy_smoothing"),
+    ({"prompt": "x", "pruning": {"lhep": False, "energy_smoothing": "never"}}, 400, "pruning.energy_smoothing"),
     ({"prompt": "x", "pruning": ""}, 422, "pruning"),  # ran balanced, whatever the server default
     ({"prompt": "x", "pruning": {"preset": ""}}, 422, "pruning.preset"),
     ({"prompt": "x", "pruning": 5}, 422, "pruning"),
