@@ -1,13 +1,15 @@
 """Pruning fidelity on the demo model: speedup vs PSNR/SSIM against the unpruned image, and adherence.
 
     python -m benchmarks.quality [--weights demo/weights] [--prompts 24] [--seeds 2] [--json] [--out DIR]
+                                 [--policy NAME ...]
 
 For held-out prompts (attribute combinations never seen in training) x seeds: the unpruned
 model's adherence (demo.checker), then for every policy the generation-loop wall speedup (the
 median of ``--timing-repeats`` paired timings of the first batch, unpruned and policy back to back
 in alternating order; ``speedup_single_pass`` is the whole set's pass against the first unpruned
 pass, minutes apart, which moved by up to 0.3x between runs), the ideal (FLOP) speedup, PSNR and SSIM
-against the unpruned image of the same seed, and adherence. Policies: LD-Pruning presets and
+against the unpruned image of the same seed, and adherence with its paired difference from the
+unpruned image of the same caption and seed (mean and standard error over the images). Policies: LD-Pruning presets and
 defaults, LHEP-only, SATS-only, FastVAR-style, SkipVAR-style, rho/delta sweeps, and the
 project decisions of ld-pruning.md section 4 (fill mode, energy interpolation). Writes
 ``speedup_vs_psnr.png`` and ``samples.png`` to ``--out``.
@@ -189,7 +191,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--timing-repeats", type=int, default=3,
                     help="paired timings (unpruned vs policy, first batch) behind each speedup")
+    ap.add_argument("--policy", action="append", default=[], metavar="NAME",
+                    help="run only these policies (repeatable; 'unpruned' always runs): " + "; ".join(POLICIES))
     args = ap.parse_args(argv)
+    unknown = [p for p in args.policy if p not in POLICIES]
+    if unknown:
+        ap.error(f"unknown --policy {unknown}; known: {list(POLICIES)}")
+    policies = {k: v for k, v in POLICIES.items() if k == "unpruned" or not args.policy or k in args.policy}
     if args.threads:
         torch.set_num_threads(args.threads)
     from demo.checker import score
@@ -206,11 +214,14 @@ def main(argv: list[str] | None = None) -> int:
     grids = scale_schedule(1.0, engine.preset.pn)
     rows, shown = [], {}
     base_imgs, _, _ = run_policy(engine, text, grids, params, NoPruning, args.batch)  # warm-up + reference
+    base_adh = np.array([score(im, sc)["adherence"] for im, sc in zip(base_imgs, scenes, strict=True)])
     base_wall = 0.0
-    for name, make in POLICIES.items():  # "unpruned" first: its wall is the speedup reference
+    for name, make in policies.items():  # "unpruned" first: its wall is the speedup reference
         imgs, stats, wall = run_policy(engine, text, grids, params, make, args.batch)
         base_wall = base_wall or wall
         adh = [score(im, sc)["adherence"] for im, sc in zip(imgs, scenes, strict=True)]
+        diff = np.asarray(adh) - base_adh
+        diff_se = float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else 0.0
         ok = [score(im, sc)["all_correct"] for im, sc in zip(imgs, scenes, strict=True)]
         speedup = 1.0 if make is NoPruning else paired_speedup(engine, text, grids, params, make, args.batch,
                                                                args.timing_repeats)
@@ -221,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                                           strict=True)), 2),
                      "ssim": round(statistics.mean(ssim(a, b) for a, b in zip(imgs, base_imgs, strict=True)), 4),
                      "adherence": round(statistics.mean(adh), 4), "all_correct": round(statistics.mean(ok), 4),
+                     "adherence_delta": round(float(diff.mean()), 4), "adherence_delta_se": round(diff_se, 4),
                      "images": len(imgs)})
         if name in ("unpruned", "ld-pruning (balanced)", "ld light (last scale)", "fastvar-style", "skipvar-style"):
             shown[name] = imgs
@@ -231,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(r) if args.json else
               f"{r['policy']:<24} speedup {r['speedup']:>5.2f} (ideal {r['ideal_speedup']:>5.2f})  "
               f"PSNR {r['psnr_db']:>5.2f} dB  SSIM {r['ssim']:.3f}  adherence {r['adherence']:.3f} "
-              f"(all-correct {r['all_correct']:.3f})")
+              f"({r['adherence_delta']:+.3f} +- {r['adherence_delta_se']:.3f}; all-correct {r['all_correct']:.3f})")
     return 0
 
 
