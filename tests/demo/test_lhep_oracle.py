@@ -9,8 +9,6 @@ import pytest
 import torch
 
 from benchmarks.lhep_oracle import oracle_scores, share_of_top, spearman
-from demo.preset import build_demo_text_encoder
-from model_loader.checkpoint_io import save_safetensors
 from model_loader.configs import get_preset
 from model_loader.random_init import random_model
 from model_loader.vae import resize_codes
@@ -44,13 +42,8 @@ def test_oracle_is_the_decoded_change_of_removing_each_token():
     assert scores[48] == pytest.approx(float(direct), rel=1e-4)
 
 
-def test_cli_rows_oracle_is_the_ceiling(tmp_path):
-    model = random_model(get_preset("demo"), seed=0)
-    weights = tmp_path / "weights"
-    weights.mkdir()
-    save_safetensors(model.transformer, weights / "transformer.safetensors")
-    save_safetensors(model.vae, weights / "vae.safetensors")
-    build_demo_text_encoder(weights / "text_encoder")
+def test_cli_rows_oracle_is_the_ceiling(tmp_path, random_demo_weights):
+    weights = random_demo_weights
     proc = subprocess.run([sys.executable, "-m", "benchmarks.lhep_oracle", "--weights", str(weights), "--prompts", "2",
                            "--seeds", "1", "--scales", "2", "--json"], cwd=ROOT, capture_output=True, text=True,
                           timeout=600, env={"LDSERVE_CACHE_DIR": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin"})

@@ -7,21 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from demo.preset import build_demo_text_encoder
-from model_loader.checkpoint_io import save_safetensors
-from model_loader.configs import get_preset
-from model_loader.random_init import random_model
-
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_quality_benchmark_writes_rows_and_charts(tmp_path):
-    model = random_model(get_preset("demo"), seed=0)
-    weights = tmp_path / "weights"
-    weights.mkdir()
-    save_safetensors(model.transformer, weights / "transformer.safetensors")
-    save_safetensors(model.vae, weights / "vae.safetensors")
-    build_demo_text_encoder(weights / "text_encoder")  # any T5 serves random weights; there is no fallback
+def test_quality_benchmark_writes_rows_and_charts(tmp_path, random_demo_weights):
+    weights = random_demo_weights
     out = tmp_path / "out"
     asked = ["ld-pruning (balanced)", "fastvar-style", "skipvar-style", "fill nearest (paper)", "ld last 3, smoothed"]
     proc = subprocess.run([sys.executable, "-m", "benchmarks.quality", "--weights", str(weights), "--prompts", "2",
