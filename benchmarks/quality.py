@@ -57,7 +57,7 @@ POLICIES = {
     "energy nearest": lambda: LDPruning(PruningConfig(energy_interp="nearest")),
     # project decisions of the scale set and the energy average: the defaults prune the last 2 of
     # the demo's 7 scales (77 % of its tokens, as the paper's 3 of 13 hold 76 %) and skip the 3x3
-    # average on maps under 16 cells a side; the paper's count and average, alone and together
+    # average on maps under 8 cells a side; the paper's count and average, alone and together
     "energy smoothed (paper)": lambda: LDPruning(PruningConfig(energy_smoothing="always")),
     "ld last 3 scales": lambda: LDPruning(PruningConfig(lhep_last_scales=3)),
     "ld last 3, smoothed": lambda: LDPruning(PruningConfig(lhep_last_scales=3, energy_smoothing="always")),
