@@ -51,7 +51,7 @@ def oracle_scores(vae, summed_1Dhw: torch.Tensor, residual_Dhw: torch.Tensor, fi
                   vae_scale: int, chunk: int = 64) -> torch.Tensor:
     """Per token of the residual's scale (h*w,): squared pixel change of the decoded image when that
     token's residual (its vae_scale x vae_scale block of codes) is removed from ``summed``."""
-    d, h, w = residual_Dhw.shape
+    _, h, w = residual_Dhw.shape
     th, tw = h // vae_scale, w // vae_scale
     ref = vae.decode(summed_1Dhw).float()
     out = torch.empty(th * tw)

@@ -14,6 +14,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from typing import Literal
 
+from model_loader.schedules import scale_offsets
+
 EnergyInterp = Literal["bilinear", "nearest"]
 FillMode = Literal["nearest", "zero"]
 EnergySmoothing = Literal["always", "auto", "never"]
@@ -75,10 +77,11 @@ class PruningConfig:
             bad("energy_keep_ratio", "must be in (0, 1]")
         if not 0.0 <= self.uncond_stop_tol <= 10.0:
             bad("uncond_stop_tol", "must be in [0, 10]")
-        for name in ("lhep_last_scales", "sats_last_scales"):
-            val = getattr(self, name)
-            if (val is not None or name == "sats_last_scales") and not (isinstance(val, int) and 0 <= val <= 13):
-                bad(name, "must be in [0, 13]" + (" or None" if name == "lhep_last_scales" else ""))
+        if self.lhep_last_scales is not None and not (isinstance(self.lhep_last_scales, int)
+                                                      and 0 <= self.lhep_last_scales <= 13):
+            bad("lhep_last_scales", "must be in [0, 13] or None")
+        if not (isinstance(self.sats_last_scales, int) and 0 <= self.sats_last_scales <= 13):
+            bad("sats_last_scales", "must be in [0, 13]")
         for name in ("lhep_scales", "sats_scales"):
             val = getattr(self, name)
             if val is not None and (any(not 0 <= s < 13 for s in val) or len(set(val)) != len(val)):
@@ -119,10 +122,11 @@ class PruningConfig:
         if self.lhep_scales is not None:
             return frozenset(s for s in self.lhep_scales if s < num_scales)
         last = self.lhep_last_scales
-        if last is None:
-            tokens = [h * w for h, w in grids]
-            last = next((k for k in range(1, num_scales) if sum(tokens[-k:]) >= LHEP_TOKEN_SHARE * sum(tokens)),
-                        num_scales - 1)
+        if last is None:  # tokens of the last k scales: total - offsets[n - k]
+            offsets = scale_offsets(grids)
+            total = offsets[-1]
+            share = LHEP_TOKEN_SHARE * total
+            last = next((k for k in range(1, num_scales) if total - offsets[num_scales - k] >= share), num_scales - 1)
         return frozenset(range(max(1, num_scales - last), num_scales))
 
     def sats_set(self, grids: tuple[tuple[int, int], ...]) -> frozenset[int]:
