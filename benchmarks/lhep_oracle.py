@@ -23,13 +23,15 @@ import statistics
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from model_loader.generate import next_scale_input
 from model_loader.sampling import SamplingParams
 from model_loader.vae import bits_to_codes, resize_codes, tokens_to_vae_bits
+from pruning.config import PruningConfig
 from pruning.loop import generate
-from pruning.policy import NoPruning
+from pruning.policy import LDPruning, NoPruning, ScaleContext, ScaleObservation, ScalePlan
 from pruning.scoring import distance_from_mean, lhep_energy, select_by_cumulative_energy
 
 FRACTIONS = (0.25, 0.5)
@@ -108,6 +110,103 @@ def measure(engine, captions: list[str], params: list[SamplingParams], grids, sc
              **{k: round(statistics.mean(v), 4) for k, v in row.items()}} for (si, name), row in acc.items()]
 
 
+class GivenKeep:
+    """A pruning policy that computes, at the scales given, exactly the tokens given (per scale, a
+    sorted index tensor), skipped tokens adding nothing (zero fill, the default's); both branches run."""
+
+    name = "given-keep"
+
+    def __init__(self, keep_per_scale: dict[int, torch.Tensor]) -> None:
+        self.keep_per_scale = keep_per_scale
+
+    def reset(self, grids: tuple[tuple[int, int], ...]) -> None:
+        pass
+
+    def plan(self, ctx: ScaleContext) -> ScalePlan:
+        keep = self.keep_per_scale.get(ctx.scale_idx)
+        if keep is None or keep.numel() == ctx.num_tokens:
+            return ScalePlan()
+        return ScalePlan(keep_idx_K=keep, zero_fill=True)
+
+    def observe(self, ctx: ScaleContext, obs: ScaleObservation) -> None:
+        pass
+
+
+def top_sorted(score_L: torch.Tensor, count: int) -> torch.Tensor:
+    """Indices of the ``count`` highest scores, ascending (as policies return them)."""
+    return torch.argsort(score_L, descending=True, stable=True)[:count].sort().values
+
+
+@torch.inference_mode()
+def oracle_pruning(engine, captions: list[str], scenes: list, params: list[SamplingParams], grids,
+                   count_factors: tuple[float, ...] = (1.0,), seed: int = 0) -> list[dict]:
+    """LHEP's selection against the ideal one at the same token counts (SATS off, zero fill).
+
+    The counts are what LHEP keeps at each of its scales (per image, ``PruningConfig(sats=False)``),
+    times each of ``count_factors``. The oracle selection is made scale by scale on the trajectory it
+    produces: at each LHEP scale in order, the generation with the earlier scales already pruned as
+    chosen and this scale and the later ones computed in full; this scale's tokens are ranked by the
+    pixel change of removing their residual (``oracle_scores``) and the top ones kept. A random
+    selection at the same counts is the floor. Rows: PSNR / SSIM against the unpruned image of the
+    same seed, adherence and its paired change, and the kept fraction per LHEP scale."""
+    from benchmarks.quality import psnr, ssim
+    from demo.checker import score
+
+    model, preset = engine.model, engine.preset
+    vs, patchify = preset.vae_scale, preset.spatial_patchify
+    final = (grids[-1][0] * vs, grids[-1][1] * vs)
+    text, _ = engine.encode(captions)
+    n = len(params)
+
+    def run(policies):
+        return generate(model, text, grids, params, policies)
+
+    def residual(out, si: int, b: int) -> torch.Tensor:  # scale si was computed in full on ``out``
+        return bits_to_codes(tokens_to_vae_bits(out.bits_per_scale[si][b:b + 1], grids[si], patchify))[0].float()
+
+    base = run([NoPruning() for _ in params])
+    cfg = PruningConfig(sats=False)
+    lhep = sorted(cfg.lhep_set(tuple(grids)))
+    energy = run([LDPruning(cfg) for _ in params])
+    counts = [{si: energy.stats[b].scales[si].tokens_computed for si in lhep} for b in range(n)]
+    gen = torch.Generator().manual_seed(seed)
+    outs: dict[str, object] = {"lhep energy": energy}
+    keeps: dict[str, list[dict[int, torch.Tensor]]] = {}
+    for f in count_factors:
+        tag = "" if f == 1.0 else f", {f:g}x tokens"
+        want = [{si: min(round(c[si] * f), grids[si][0] * grids[si][1]) for si in lhep} for c in counts]
+        oracle_keep: list[dict[int, torch.Tensor]] = [{} for _ in range(n)]
+        for si in lhep:  # the trajectory with the earlier scales pruned as chosen, this one in full
+            traj = base if not oracle_keep[0] else run([GivenKeep(dict(k)) for k in oracle_keep])
+            summed = traj.summed_codes_BDhw.to(model.device)
+            for b in range(n):
+                res = residual(traj, si, b)
+                sc = oracle_scores(model.vae, summed[b:b + 1], res.to(model.device), final, vs)
+                oracle_keep[b][si] = top_sorted(sc, want[b][si])
+        keeps[f"oracle{tag}"] = oracle_keep
+        keeps[f"random{tag}"] = [{si: top_sorted(torch.rand(grids[si][0] * grids[si][1], generator=gen), w[si])
+                                  for si in lhep} for w in want]
+    for name, k in keeps.items():
+        outs[name] = run([GivenKeep(kb) for kb in k])
+    base_imgs = [im.numpy() for im in base.images_BHW3]
+    base_adh = np.array([score(im, sc)["adherence"] for im, sc in zip(base_imgs, scenes, strict=True)])
+    rows = [{"selection": "unpruned", "images": n, "adherence": round(float(base_adh.mean()), 4)}]
+    for name, out in outs.items():
+        imgs = [im.numpy() for im in out.images_BHW3]
+        pairs = list(zip(imgs, base_imgs, strict=True))
+        diff = np.array([score(im, sc)["adherence"] for im, sc in zip(imgs, scenes, strict=True)]) - base_adh
+        rows.append({"selection": name, "images": n,
+                     "kept_fraction": {str(si): round(statistics.mean(s.scales[si].kept_fraction for s in out.stats), 4)
+                                       for si in lhep},
+                     "ideal_speedup": round(statistics.median(s.ideal_speedup for s in out.stats), 3),
+                     "psnr_db": round(statistics.mean(min(psnr(a, b), 99.0) for a, b in pairs), 2),
+                     "ssim": round(statistics.mean(ssim(a, b) for a, b in pairs), 4),
+                     "adherence": round(float((base_adh + diff).mean()), 4),
+                     "adherence_delta": round(float(diff.mean()), 4),
+                     "adherence_delta_se": round(float(diff.std(ddof=1) / np.sqrt(n)) if n > 1 else 0.0, 4)})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--weights", type=Path, default=Path("demo/weights"))
@@ -116,6 +215,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scales", type=int, default=3, help="the last N scales (LHEP's candidates)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--prune", action="store_true",
+                    help="instead: generate with LHEP's selection, the oracle's and a random one at LHEP's counts")
+    ap.add_argument("--count-factor", type=float, action="append", default=[], metavar="F",
+                    help="--prune: also the oracle and random selections at F times LHEP's counts (repeatable)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -131,6 +234,15 @@ def main(argv: list[str] | None = None) -> int:
     captions = [s.caption for s in samples for _ in range(args.seeds)]
     params = [SamplingParams(cfg=engine.preset.sampling.cfg, tau=engine.preset.sampling.tau, seed=k)
               for _ in samples for k in range(args.seeds)]
+    if args.prune:
+        scenes = [s.attributes for s in samples for _ in range(args.seeds)]
+        factors = (1.0, *[f for f in args.count_factor if f != 1.0])
+        for r in oracle_pruning(engine, captions, scenes, params, grids, factors):
+            print(json.dumps(r) if args.json else
+                  f"{r['selection']:<26} adherence {r['adherence']:.3f}" + ("" if "psnr_db" not in r else
+                  f" ({r['adherence_delta']:+.3f} +- {r['adherence_delta_se']:.3f})  PSNR {r['psnr_db']:.2f} dB  "
+                  f"SSIM {r['ssim']:.3f}  ideal {r['ideal_speedup']:.2f}x  kept {r['kept_fraction']}"))
+        return 0
     for r in measure(engine, captions, params, grids, args.scales):
         print(json.dumps(r) if args.json else
               f"scale {r['scale']} {r['grid'][0]}x{r['grid'][1]}  {r['scorer']:<22} top 25%: {r['share_top_25']:.3f}  "

@@ -60,3 +60,42 @@ def test_cli_rows_oracle_is_the_ceiling(tmp_path, random_demo_weights):
             for k in ("share_top_25", "share_top_50"):
                 assert 0.0 <= r[k] <= by["oracle"][k] + 1e-9  # no ranking holds more than the oracle's own
         assert 0 < by["lhep unsmoothed"]["rho05_keep_fraction"] <= 1
+
+
+def test_given_keep_computes_exactly_the_tokens_given(random_demo_weights):
+    from benchmarks.lhep_oracle import GivenKeep
+    from demo.model import load_demo_engine
+    from model_loader.sampling import SamplingParams
+    from model_loader.schedules import scale_schedule
+    from pruning.loop import generate
+
+    engine = load_demo_engine(random_demo_weights)
+    grids = scale_schedule(1.0, engine.preset.pn)
+    text, _ = engine.encode(["a red circle top left on a blue background"] * 2)
+    params = [SamplingParams(cfg=3.0, seed=s) for s in range(2)]
+    last = len(grids) - 1
+    keep = {last - 1: torch.tensor([0, 5, 17]), last: torch.arange(0, grids[-1][0] * grids[-1][1], 3)}
+    out = generate(engine.model, text, grids, params, [GivenKeep(keep), GivenKeep({})])
+    assert [s.tokens_computed for s in out.stats[0].scales[-2:]] == [3, keep[last].numel()]
+    assert all(s.tokens_computed == s.tokens_full for s in out.stats[1].scales)  # nothing given: unpruned
+    assert all(s.uncond_ran for s in out.stats[0].scales)
+
+
+def test_cli_prune_rows_compare_selections_at_equal_counts(tmp_path, random_demo_weights):
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.lhep_oracle", "--weights", str(random_demo_weights),
+                           "--prompts", "2", "--seeds", "1", "--prune", "--count-factor", "2", "--json"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600,
+                          env={"LDSERVE_CACHE_DIR": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["selection"]: r for r in (json.loads(ln) for ln in proc.stdout.splitlines() if ln.startswith("{"))}
+    assert set(rows) == {"unpruned", "lhep energy", "oracle", "random", "oracle, 2x tokens", "random, 2x tokens"}
+    lhep = rows["lhep energy"]
+    assert set(lhep["kept_fraction"]) == {"5", "6"}  # the demo's default LHEP set: its last 2 of 7 scales
+    for name in ("oracle", "random"):  # the same counts as LHEP's, so the same FLOPs
+        assert rows[name]["kept_fraction"] == lhep["kept_fraction"]
+        assert rows[name]["ideal_speedup"] == lhep["ideal_speedup"]
+    for s, f in lhep["kept_fraction"].items():
+        assert rows["oracle, 2x tokens"]["kept_fraction"][s] == pytest.approx(min(2 * f, 1.0), abs=0.01)
+    assert rows["oracle, 2x tokens"]["ideal_speedup"] < lhep["ideal_speedup"]
+    for r in rows.values():
+        assert r["images"] == 2 and 0.0 <= r["adherence"] <= 1.0
