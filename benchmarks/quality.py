@@ -53,6 +53,8 @@ POLICIES = {
     "delta 0.5": lambda: LDPruning(PruningConfig(uncond_stop_tol=0.5)),
     "sats-only, delta 0.5": lambda: LDPruning(PruningConfig(lhep=False, uncond_stop_tol=0.5)),
     "ld light, delta 0.5": lambda: LDPruning(PruningConfig(lhep_last_scales=1, uncond_stop_tol=0.5)),
+    "ld light, rho 0.7, delta 0.5": lambda: LDPruning(PruningConfig(lhep_last_scales=1, energy_keep_ratio=0.7,
+                                                                    uncond_stop_tol=0.5)),
     "fill nearest (paper)": lambda: LDPruning(PruningConfig(fill_mode="nearest")),
     "energy nearest": lambda: LDPruning(PruningConfig(energy_interp="nearest")),
     # project decisions of the scale set and the energy average: the defaults prune the last 2 of
