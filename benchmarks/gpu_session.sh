@@ -25,7 +25,9 @@
 # in the next session stage 6 (demo/README.md), where BENCH_S=150 with --diagnose ended before the 8B rows;
 # stage 7: BENCH_S=0 VAE_S=0 TF_S=420 TF_BATCH=512 TF_SEED=7 FLIP_MAX=0.15 TF_REPLAY=500000 TF_AMP=bf16;
 # stages 8 and 9 (H200): as stage 7 with TF_S=380 TF_SEED=8 TF_SAVE_EVERY=100 TF_LAST_W=3, then
-# TF_S=120 TF_LR=3e-4 TF_SEED=9 from stage 8's export (demo/README.md).
+# TF_S=120 TF_LR=3e-4 TF_SEED=9 from stage 8's export (demo/README.md); stages 15 and 16 (H200,
+# 2026-11-27): as stage 8 with TF_S=360 TF_LR=3e-4 TF_SEED=16, then TF_S=190 TF_LR=2e-4 TF_SEED=17 with
+# INIT_TRANSFORMER=.stage/transformer.safetensors (stage 15's export in an ignored folder, passed in carry).
 set -u
 MODE=${1:-smoke}
 mkdir -p "${OUT:-gpu_out}"

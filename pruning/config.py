@@ -53,9 +53,9 @@ class PruningConfig:
     ``auto`` (project decision: maps of 8 or more cells a side only, so every map of the default
     scales at 1024 px and at 512/768 px square, the paper's among them). On smaller maps the average
     spans half the image side or more: on the demo (maps of 3 to 6 cells) the quarter of the tokens
-    it ranks first holds 26 / 32 / 58 % of the pixel change that removing each token causes at the
-    8x8 / 12x12 / 16x16 scales (random 25-27 %), unaveraged 67 / 70 / 76 % (oracle 89-92 %;
-    ``benchmarks.lhep_oracle``, demo/weights/MODEL_CARD.md)."""
+    it ranks first holds 20 / 28 / 55 % of the pixel change that removing each token causes at the
+    8x8 / 12x12 / 16x16 scales (random 26-28 %), unaveraged 66 / 65 / 73 % (oracle 90-91 %;
+    ``benchmarks.lhep_oracle``, stage-16 weights, demo/weights/MODEL_CARD.md)."""
     fill_mode: FillMode = "zero"
     """Skipped tokens add nothing to the latent (``zero``, project decision), or the previous
     residual upsampled nearest (``nearest``, the paper's fill). The multi-scale quantizer's codes
@@ -63,7 +63,8 @@ class PruningConfig:
     scale's code tends to point the other way: on the demo, the VAE's own codes at the last scale
     agree with the upsampled previous code on 27 % of the bits at low-energy tokens (the sampled
     ones 31 %), so copying it moves those tokens away from the unpruned result, and adding nothing
-    is closer (demo: +1.0 dB PSNR, and fewer tokens kept at the next scale; model card)."""
+    is closer (demo, stage-9 weights: +1.0 dB PSNR at the same rho, and fewer tokens kept at the next
+    scale; stage 16: within 0.1 dB and 0.01 adherence of the paper's fill at equal FLOPs; model card)."""
     force_keep_fraction: float | None = None
     """Benchmarks only: keep exactly this fraction of tokens (highest energy first) at LHEP scales."""
     force_stop_scale: int | None = None
