@@ -63,6 +63,10 @@ POLICIES = {
     "energy smoothed (paper)": lambda: LDPruning(PruningConfig(energy_smoothing="always")),
     "ld last 3 scales": lambda: LDPruning(PruningConfig(lhep_last_scales=3)),
     "ld last 3, smoothed": lambda: LDPruning(PruningConfig(lhep_last_scales=3, energy_smoothing="always")),
+    # project option: LHEP's counts, tokens ranked by energy rank + the latest bit-entropy rank
+    "ld energy+entropy ranks": lambda: LDPruning(PruningConfig(token_score="energy+entropy")),
+    "rho 0.7, energy+entropy ranks": lambda: LDPruning(PruningConfig(energy_keep_ratio=0.7,
+                                                                     token_score="energy+entropy")),
     "ld light (last scale)": lambda: LDPruning(pruning_config("light")),  # the demo's service default
     # LHEP with the unconditional branch stopped as SkipVAR-style stops it (last 3 scales of 7)
     "ld + uncond stop (last 3)": lambda: LDPruning(PruningConfig(force_stop_scale=4)),

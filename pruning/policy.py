@@ -11,9 +11,17 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 
 from .config import PruningConfig
-from .scoring import distance_from_mean, lhep_energy, select_by_cumulative_energy, select_top_fraction
+from .scoring import (
+    bit_entropy,
+    distance_from_mean,
+    lhep_energy,
+    rank_sum,
+    select_by_cumulative_energy,
+    select_top_fraction,
+)
 
 
 @dataclass
@@ -104,12 +112,17 @@ class LDPruning:
         self.prev_delta: float | None = None
         self.stopped_at: int | None = None
         self.gammas: dict[int, float] = {}
+        # token_score "energy+entropy": each token's latest bit entropy, at the grid of the last scale
+        # observed, and the tokens the current plan computes (None: all)
+        self.entropy_hw: torch.Tensor | None = None
+        self.computed_K: torch.Tensor | None = None
 
     def plan(self, ctx: ScaleContext) -> ScalePlan:
         cfg = self.config
         if cfg.force_stop_scale is not None and ctx.scale_idx >= cfg.force_stop_scale and self.stopped_at is None:
             self.stopped_at = ctx.scale_idx
         run_uncond = self.stopped_at is None
+        self.computed_K = None
         if ctx.scale_idx not in self.lhep_scales or ctx.prev_residual_Dhw is None:
             return ScalePlan(run_uncond=run_uncond)
         energy = lhep_energy(ctx.prev_residual_Dhw, ctx.grid, cfg.energy_interp, cfg.energy_smoothing)
@@ -119,10 +132,34 @@ class LDPruning:
             keep = select_by_cumulative_energy(energy, cfg.energy_keep_ratio)
         if keep.numel() == ctx.num_tokens:
             keep = None
+        elif cfg.token_score == "energy+entropy" and self.entropy_hw is not None:
+            score = rank_sum(energy, self._entropy_at(ctx.grid).to(energy.device))
+            keep = torch.argsort(score, descending=True, stable=True)[:keep.numel()].sort().values
+        self.computed_K = keep
         return ScalePlan(keep_idx_K=keep, run_uncond=run_uncond, zero_fill=cfg.fill_mode == "zero")
+
+    def _entropy_at(self, grid: tuple[int, int]) -> torch.Tensor:
+        """The latest bit entropy of every token, resized (bilinear) to ``grid``, flattened."""
+        e = self.entropy_hw[None, None]
+        if tuple(e.shape[-2:]) != tuple(grid):
+            e = F.interpolate(e, size=tuple(grid), mode="bilinear", align_corners=False)
+        return e.flatten()
+
+    def _observe_entropy(self, ctx: ScaleContext, cond_KV: torch.Tensor) -> None:
+        ent_K = bit_entropy(cond_KV)
+        if self.computed_K is None:
+            self.entropy_hw = ent_K.view(ctx.grid)
+            return
+        # tokens this scale skipped keep the entropy they had at the latest scale that computed them
+        ent_L = (self._entropy_at(ctx.grid) if self.entropy_hw is not None
+                 else torch.zeros(ctx.num_tokens, device=ent_K.device)).to(ent_K.device)
+        ent_L[self.computed_K.to(ent_K.device)] = ent_K
+        self.entropy_hw = ent_L.view(ctx.grid)
 
     def observe(self, ctx: ScaleContext, obs: ScaleObservation) -> None:
         si = ctx.scale_idx
+        if self.config.token_score == "energy+entropy" and obs.cond_logits_KV.numel():
+            self._observe_entropy(ctx, obs.cond_logits_KV)
         if obs.uncond_logits_KV is None or si not in self.measure_scales or obs.cond_logits_KV.numel() == 0:
             return
         delta = guidance_discrepancy(obs.cond_logits_KV, obs.uncond_logits_KV)

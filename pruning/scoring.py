@@ -3,6 +3,7 @@
 LHEP (ld-pruning.md section 2): Haar high-frequency energy of the previous residual code map,
 smoothed with a 3x3 average and resized to the scale's grid, then a cumulative-energy
 threshold. FastVAR-style scoring: squared distance of each token from the token map's mean.
+Bit entropy of a scale's logits and rank sums: the optional ``token_score="energy+entropy"`` ranking.
 """
 
 from __future__ import annotations
@@ -95,3 +96,19 @@ def lhep_energy(prev_residual_Dhw: torch.Tensor, token_grid: tuple[int, int], mo
     transform then yields one value per token of the previous scale, as decided in ld-pruning.md.
     """
     return smooth_and_resize(haar_energy(prev_residual_Dhw), token_grid, mode, smooth).flatten()
+
+
+def bit_entropy(logits_KV: torch.Tensor) -> torch.Tensor:
+    """Per token (K,): the summed entropy (nats) of its bits under ``logits_KV`` (K, 2 * bits), a
+    (bit 0, bit 1) logit pair per bit, as the sampler reads them."""
+    logp = F.log_softmax(logits_KV.float().view(logits_KV.shape[0], -1, 2), dim=-1)
+    return -(logp.exp() * logp).sum(dim=(-1, -2))
+
+
+def rank_sum(*scores_L: torch.Tensor) -> torch.Tensor:
+    """Sum over the scores of each token's ascending rank (0 for the lowest; ties broken by position)."""
+    out = torch.zeros(scores_L[0].shape, dtype=torch.float32, device=scores_L[0].device)
+    for s in scores_L:
+        order = torch.argsort(s, stable=True)
+        out[order] += torch.arange(s.numel(), dtype=torch.float32, device=s.device)
+    return out

@@ -13,7 +13,15 @@ from model_loader.schedules import TEMPLATES, scale_schedule
 from model_loader.text_cond import TextCond
 from pruning import FastVARStyle, LDPruning, NoPruning, PruningConfig, SkipVARStyle, generate, pruning_config
 from pruning.policy import ScaleContext, ScaleObservation
-from pruning.scoring import haar_energy, select_by_cumulative_energy, select_top_fraction, smooth_and_resize
+from pruning.scoring import (
+    bit_entropy,
+    haar_energy,
+    lhep_energy,
+    rank_sum,
+    select_by_cumulative_energy,
+    select_top_fraction,
+    smooth_and_resize,
+)
 from pruning.stats import scale_flops
 
 GRIDS = scale_schedule(1.0, "0.06M")  # 7 scales up to 16x16: LHEP on 5..6 (default), SATS on 3..6
@@ -280,6 +288,69 @@ def test_cumulative_threshold_hand_example():
     assert select_top_fraction(torch.tensor([1.0, 1.0, 1.0]), 0.34).tolist() == [0, 1]
 
 
+def test_bit_entropy_and_rank_sum_hand_example():
+    # two tokens of two bits: token 0 undecided on both bits (2 ln 2), token 1 certain on both (~0)
+    logits = torch.tensor([[0.0, 0.0, 3.0, 3.0], [0.0, 50.0, -50.0, 0.0]])
+    torch.testing.assert_close(bit_entropy(logits), torch.tensor([2 * math.log(2), 0.0]), atol=1e-6, rtol=0)
+    p = torch.sigmoid(torch.tensor(1.0))  # one bit with logits (0, 1): p(1) = sigmoid(1)
+    h = float(-p * p.log() - (1 - p) * (1 - p).log())
+    assert float(bit_entropy(torch.tensor([[0.0, 1.0]]))) == pytest.approx(h)
+    # ranks 0 = lowest; ties by position: [2, 0, 1] + [0, 1, 2] (ties 0 and 1 of the second score)
+    assert rank_sum(torch.tensor([5.0, 1.0, 3.0]), torch.tensor([7.0, 7.0, 9.0])).tolist() == [2.0, 1.0, 3.0]
+
+
+def test_energy_entropy_ranking_keeps_the_energy_count_and_takes_uncertain_tokens():
+    """token_score="energy+entropy": as many tokens as the energy rule keeps, chosen by the sum of the
+    energy rank and the rank of the bit entropy last observed (a 4x4 scale, then an 8x8 LHEP scale)."""
+    grids = ((1, 1), (2, 2), (4, 4), (8, 8))
+    torch.manual_seed(0)
+    residual = torch.randn(16, 4, 4) * 0.1  # the 4x4 scale's residual: high-frequency energy at the left
+    residual[:, :, :2] += torch.tensor([[1.0, -1.0], [-1.0, 1.0]]).repeat(2, 1)
+    logits = torch.full((16, 16 * 2), 0.0)
+    logits[:, 1::2] = 6.0 + 0.01 * torch.arange(16.0)[:, None]  # confident bits everywhere (no two alike)...
+    uncertain = [3, 7, 11, 15, 2, 6]  # ...but on the right column and two of its neighbours
+    logits[uncertain, 1::2] = 0.0
+    plans = {}
+    for score in ("energy", "energy+entropy"):
+        pol = LDPruning(PruningConfig(sats=False, lhep_scales=(3,), token_score=score))
+        pol.reset(grids)
+        for si in range(3):
+            ctx = ScaleContext(si, grids, None, None)
+            assert pol.plan(ctx).keep_idx_K is None
+            n = grids[si][0] * grids[si][1]
+            pol.observe(ctx, ScaleObservation(logits[:n] if si == 2 else torch.zeros(n, 32), None))
+        plans[score] = pol.plan(ScaleContext(3, grids, residual, None)).keep_idx_K
+    energy = lhep_energy(residual, (8, 8), smooth="auto")
+    k = select_by_cumulative_energy(energy, 0.5).numel()
+    assert plans["energy"].tolist() == select_by_cumulative_energy(energy, 0.5).tolist()
+    assert plans["energy+entropy"].numel() == k < 64
+    # the expected choice: the 4x4 scale's bit entropy (hand-checked above), bilinear to 8x8
+    ent = torch.nn.functional.interpolate(bit_entropy(logits).view(1, 1, 4, 4), size=(8, 8), mode="bilinear",
+                                          align_corners=False).flatten()
+    er = torch.argsort(torch.argsort(energy, stable=True), stable=True).float()
+    hr = torch.argsort(torch.argsort(ent, stable=True), stable=True).float()
+    expected = torch.argsort(er + hr, descending=True, stable=True)[:k].sort().values
+    assert plans["energy+entropy"].tolist() == expected.tolist()
+    right = lambda idx: float((idx % 8 >= 4).float().mean())  # noqa: E731
+    assert right(plans["energy+entropy"]) > right(plans["energy"])  # the uncertain side gained tokens
+
+
+def test_energy_entropy_ranking_in_the_loop(model):
+    """In the loop: at the first LHEP scale the ranking computes as many tokens as the energy rule on
+    the same trajectory, not the same ones, and the ones it adds were less certain at the scale before."""
+    cfg = PruningConfig(sats=False)
+    pols = [_Recorded(cfg), _Recorded(PruningConfig(sats=False, token_score="energy+entropy"))]
+    out = generate(model, _text(1, seed=5).select([0, 0]), GRIDS, [PARAMS[0], PARAMS[0]], pols)
+    first = min(cfg.lhep_set(GRIDS))
+    by_energy, by_both = pols[0].kept[0], pols[1].kept[0]
+    assert by_energy.numel() == by_both.numel() < GRIDS[first][0] * GRIDS[first][1]
+    assert set(by_energy.tolist()) != set(by_both.tolist())
+    assert out.stats[1].scales[-1].tokens_computed < out.stats[1].scales[-1].tokens_full  # later scale pruned too
+    ent = torch.nn.functional.interpolate(bit_entropy(pols[1].cond[first - 1]).view(1, 1, *GRIDS[first - 1]),
+                                          size=GRIDS[first], mode="bilinear", align_corners=False).flatten()
+    assert float(ent[by_both].mean()) > float(ent[by_energy].mean())
+
+
 # ---------------------------------------------------------------------------- SATS by hand
 
 def _obs(delta: float, n: int = 8) -> ScaleObservation:
@@ -325,6 +396,7 @@ def test_sats_never_stops_with_zero_tolerance_and_force_stop():
                                       ({"lhep_scales": (0, 5)}, "lhep_scales"),
                                       ({"fill_mode": "bicubic"}, "fill_mode"),
                                       ({"energy_smoothing": "gaussian"}, "energy_smoothing"),
+                                      ({"token_score": "entropy"}, "token_score"),
                                       ({"lhep_last_scales": -1}, "lhep_last_scales"),
                                       ({"sats_last_scales": None}, "sats_last_scales"),
                                       ({"force_keep_fraction": 1.5}, "force_keep_fraction")])

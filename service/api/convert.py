@@ -48,7 +48,7 @@ def resolve_pruning(value: str | PruningOptions | None, s: ServiceSettings) -> t
         raise ApiError(400, msg, param=param, code="invalid_pruning") from None
     # a setting of a part that is off would do nothing, and "custom" would claim otherwise
     idle = {"energy_keep_ratio": "lhep", "fill_mode": "lhep", "lhep_last_scales": "lhep", "energy_smoothing": "lhep",
-            "uncond_stop_tol": "sats"}
+            "token_score": "lhep", "uncond_stop_tol": "sats"}
     for field, part in idle.items():
         if field in overrides and not cfg[part]:
             raise ApiError(400, f"pruning.{field}: has no effect while {part.upper()} is off (preset {preset!r}"

@@ -34,6 +34,9 @@ class PruningOptions(BaseModel):
     energy_smoothing: Literal["auto", "always", "never"] | None = Field(
         None, description="3x3 average of the energy map: always (the paper), never, or auto (default: maps of "
                           "8+ cells a side)")
+    token_score: Literal["energy", "energy+entropy"] | None = Field(
+        None, description="Which tokens LHEP computes: the highest-energy ones (energy, the paper's, default), or "
+                          "as many ranked by energy rank + the rank of their bits' latest entropy")
 
 
 PruningField = PresetName | PruningOptions | None

@@ -95,6 +95,21 @@ def test_lhep_scale_count_and_energy_average_per_request(serve: Proc) -> None:
     assert r.status_code == 200 and r.json()["pruning"] == "custom"
 
 
+def test_token_score_per_request(serve: Proc) -> None:
+    """The energy+entropy ranking computes as many tokens as the energy ranking (the count is the
+    energy rule's; the same seed gives the same trajectory up to the first pruned scale), and a
+    different image."""
+    got = {}
+    for score in ("energy", "energy+entropy"):
+        r = post(serve, "/generate", {"prompt": "a red fox", "seed": 4, "width": 256, "height": 256,
+                                      "pruning": {"preset": "balanced", "sats": False, "lhep_last_scales": 1,
+                                                  "token_score": score}})
+        assert r.status_code == 200, r.text
+        got[score] = (r.json()["data"][0]["stats"]["tokens_computed"], r.json()["data"][0]["b64_json"])
+    assert got["energy"][0] == got["energy+entropy"][0]
+    assert got["energy"][1] != got["energy+entropy"][1]
+
+
 def test_raw_image_with_accept_header(serve: Proc) -> None:
     r = post(serve, "/generate", {"prompt": "a tree", "seed": 11}, {"Accept": "image/webp"})
     assert r.status_code == 200 and r.headers["content-type"] == "image/webp"
@@ -288,6 +303,8 @@ BAD = [
     ({"prompt": "x", "pruning": {"lhep_last_scales": 0}}, 422, "pruning.lhep_last_scales"),
     ({"prompt": "x", "pruning": {"energy_smoothing": "gaussian"}}, 422, "pruning.energy_smoothing"),
     ({"prompt": "x", "pruning": {"lhep": False, "energy_smoothing": "never"}}, 400, "pruning.energy_smoothing"),
+    ({"prompt": "x", "pruning": {"token_score": "entropy"}}, 422, "pruning.token_score"),
+    ({"prompt": "x", "pruning": {"lhep": False, "token_score": "energy+entropy"}}, 400, "pruning.token_score"),
     ({"prompt": "x", "pruning": ""}, 422, "pruning"),  # ran balanced, whatever the server default
     ({"prompt": "x", "pruning": {"preset": ""}}, 422, "pruning.preset"),
     ({"prompt": "x", "pruning": 5}, 422, "pruning"),
