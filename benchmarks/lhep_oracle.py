@@ -37,7 +37,7 @@ from model_loader.vae import bits_to_codes, resize_codes, tokens_to_vae_bits
 from pruning.config import PruningConfig
 from pruning.loop import generate
 from pruning.policy import LDPruning, NoPruning, ScaleContext, ScaleObservation, ScalePlan
-from pruning.scoring import distance_from_mean, lhep_energy, select_by_cumulative_energy
+from pruning.scoring import distance_from_mean, lhep_energy, select_by_cumulative_energy, select_top_k
 
 FRACTIONS = (0.25, 0.5)
 
@@ -137,11 +137,6 @@ class GivenKeep:
         pass
 
 
-def top_sorted(score_L: torch.Tensor, count: int) -> torch.Tensor:
-    """Indices of the ``count`` highest scores, ascending (as policies return them)."""
-    return torch.argsort(score_L, descending=True, stable=True)[:count].sort().values
-
-
 @torch.inference_mode()
 def oracle_pruning(engine, captions: list[str], scenes: list, params: list[SamplingParams], grids,
                    count_factors: tuple[float, ...] = (1.0,), seed: int = 0) -> list[dict]:
@@ -154,7 +149,7 @@ def oracle_pruning(engine, captions: list[str], scenes: list, params: list[Sampl
     pixel change of removing their residual (``oracle_scores``) and the top ones kept. A random
     selection at the same counts is the floor. Rows: PSNR / SSIM against the unpruned image of the
     same seed, adherence and its paired change, and the kept fraction per LHEP scale."""
-    from benchmarks.quality import psnr, ssim
+    from benchmarks.quality import paired_change, psnr, ssim
     from demo.checker import score
 
     model, preset = engine.model, engine.preset
@@ -187,9 +182,9 @@ def oracle_pruning(engine, captions: list[str], scenes: list, params: list[Sampl
             for b in range(n):
                 res = residual(traj, si, b)
                 sc = oracle_scores(model.vae, summed[b:b + 1], res.to(model.device), final, vs)
-                oracle_keep[b][si] = top_sorted(sc, want[b][si])
+                oracle_keep[b][si] = select_top_k(sc, want[b][si])
         keeps[f"oracle{tag}"] = oracle_keep
-        keeps[f"random{tag}"] = [{si: top_sorted(torch.rand(grids[si][0] * grids[si][1], generator=gen), w[si])
+        keeps[f"random{tag}"] = [{si: select_top_k(torch.rand(grids[si][0] * grids[si][1], generator=gen), w[si])
                                   for si in lhep} for w in want]
     for name, k in keeps.items():
         outs[name] = run([GivenKeep(kb) for kb in k])
@@ -200,7 +195,7 @@ def oracle_pruning(engine, captions: list[str], scenes: list, params: list[Sampl
         imgs = [im.numpy() for im in out.images_BHW3]
         pairs = list(zip(imgs, base_imgs, strict=True))
         adh = np.array([score(im, sc)["adherence"] for im, sc in zip(imgs, scenes, strict=True)])
-        diff = adh - base_adh
+        delta, delta_se = paired_change(adh, base_adh)
         rows.append({"selection": name, "images": n,
                      "kept_fraction": {str(si): round(statistics.mean(s.scales[si].kept_fraction for s in out.stats), 4)
                                        for si in lhep},
@@ -208,8 +203,7 @@ def oracle_pruning(engine, captions: list[str], scenes: list, params: list[Sampl
                      "psnr_db": round(statistics.mean(min(psnr(a, b), 99.0) for a, b in pairs), 2),
                      "ssim": round(statistics.mean(ssim(a, b) for a, b in pairs), 4),
                      "adherence": round(float(adh.mean()), 4),
-                     "adherence_delta": round(float(diff.mean()), 4),
-                     "adherence_delta_se": round(float(diff.std(ddof=1) / np.sqrt(n)) if n > 1 else 0.0, 4)})
+                     "adherence_delta": round(delta, 4), "adherence_delta_se": round(delta_se, 4)})
     return rows
 
 

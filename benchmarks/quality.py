@@ -94,6 +94,12 @@ def ssim(a_HW3: np.ndarray, b_HW3: np.ndarray) -> float:
     return float(s.mean())
 
 
+def paired_change(values: np.ndarray, base: np.ndarray) -> tuple[float, float]:
+    """Mean of ``values - base`` (paired per image) and its standard error."""
+    diff = np.asarray(values) - np.asarray(base)
+    return float(diff.mean()), (float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else 0.0)
+
+
 def load_demo(weights: Path):
     from demo.model import load_demo_engine
     return load_demo_engine(weights)
@@ -226,8 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         imgs, stats, wall = run_policy(engine, text, grids, params, make, args.batch)
         base_wall = base_wall or wall
         adh = [score(im, sc)["adherence"] for im, sc in zip(imgs, scenes, strict=True)]
-        diff = np.asarray(adh) - base_adh
-        diff_se = float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else 0.0
+        delta, delta_se = paired_change(adh, base_adh)
         ok = [score(im, sc)["all_correct"] for im, sc in zip(imgs, scenes, strict=True)]
         speedup = 1.0 if make is NoPruning else paired_speedup(engine, text, grids, params, make, args.batch,
                                                                args.timing_repeats)
@@ -238,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                                           strict=True)), 2),
                      "ssim": round(statistics.mean(ssim(a, b) for a, b in zip(imgs, base_imgs, strict=True)), 4),
                      "adherence": round(statistics.mean(adh), 4), "all_correct": round(statistics.mean(ok), 4),
-                     "adherence_delta": round(float(diff.mean()), 4), "adherence_delta_se": round(diff_se, 4),
+                     "adherence_delta": round(delta, 4), "adherence_delta_se": round(delta_se, 4),
                      "images": len(imgs)})
         if name in ("unpruned", "ld-pruning (balanced)", "ld light (last scale)", "fastvar-style", "skipvar-style"):
             shown[name] = imgs

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 
 from .config import PruningConfig
 from .scoring import (
@@ -21,6 +20,8 @@ from .scoring import (
     rank_sum,
     select_by_cumulative_energy,
     select_top_fraction,
+    select_top_k,
+    smooth_and_resize,
 )
 
 
@@ -134,16 +135,13 @@ class LDPruning:
             keep = None
         elif cfg.token_score == "energy+entropy" and self.entropy_hw is not None:
             score = rank_sum(energy, self._entropy_at(ctx.grid).to(energy.device))
-            keep = torch.argsort(score, descending=True, stable=True)[:keep.numel()].sort().values
+            keep = select_top_k(score, keep.numel())
         self.computed_K = keep
         return ScalePlan(keep_idx_K=keep, run_uncond=run_uncond, zero_fill=cfg.fill_mode == "zero")
 
     def _entropy_at(self, grid: tuple[int, int]) -> torch.Tensor:
         """The latest bit entropy of every token, resized (bilinear) to ``grid``, flattened."""
-        e = self.entropy_hw[None, None]
-        if tuple(e.shape[-2:]) != tuple(grid):
-            e = F.interpolate(e, size=tuple(grid), mode="bilinear", align_corners=False)
-        return e.flatten()
+        return smooth_and_resize(self.entropy_hw, grid, "bilinear", smooth="never").flatten()
 
     def _observe_entropy(self, ctx: ScaleContext, cond_KV: torch.Tensor) -> None:
         ent_K = bit_entropy(cond_KV)

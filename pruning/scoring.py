@@ -72,14 +72,17 @@ def select_by_cumulative_energy(energy_L: torch.Tensor, keep_ratio: float) -> to
     return torch.nonzero(energy_L >= tau).flatten()
 
 
+def select_top_k(score_L: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices (ascending) of the ``k`` highest scores; ties broken by position."""
+    if k >= score_L.numel():
+        return torch.arange(score_L.numel(), device=score_L.device)
+    return torch.argsort(score_L, descending=True, stable=True)[:k].sort().values
+
+
 def select_top_fraction(score_L: torch.Tensor, fraction: float) -> torch.Tensor:
     """Indices (ascending) of the ceil(fraction * L) highest scores; ties broken by position."""
     n = score_L.numel()
-    k = min(n, max(0, math.ceil(fraction * n - 1e-9)))
-    if k >= n:
-        return torch.arange(n, device=score_L.device)
-    order = torch.argsort(score_L, descending=True, stable=True)
-    return order[:k].sort().values
+    return select_top_k(score_L, min(n, max(0, math.ceil(fraction * n - 1e-9))))
 
 
 def distance_from_mean(tokens_LC: torch.Tensor) -> torch.Tensor:
