@@ -59,6 +59,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--amp", choices=("bf16",), help="forward and loss under bfloat16 autocast (a GPU)")
     g.add_argument("--stop-after", type=int, help="stop (and save) after this many steps of the --steps schedule")
     g.add_argument("--profile", type=Path, help="write a torch.profiler table of steps 25-29 to this file")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its transformer.ckpt (same settings; its schedule, "
+                        "so --steps is ignored; --minutes then only bounds this part)")
     return p.parse_args(argv)
 
 
@@ -87,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
         train_transformer(args, a.vae or a.out / "vae.safetensors", cond_drop=a.cond_drop,
                           per_scale_loss=a.per_scale_loss, init=a.init_transformer, stop_after=a.stop_after,
                           flip_max=a.flip_max, replay=a.replay, amp=a.amp, last_scale_weight=a.last_scale_weight,
-                          profile=a.profile)
+                          profile=a.profile, resume=a.resume)
 
 
 if __name__ == "__main__":

@@ -72,16 +72,17 @@ class _StreamBatches(torch.utils.data.Dataset):
         return train_batch(step, self.batch_size, self.data_seed)
 
 
-def train_batches(steps: int, batch_size: int, data_seed: int,
-                  workers: int = 0) -> Iterator[tuple[torch.Tensor, list[str]]]:
-    """Batches 0, 1, ... of the train stream, in order; with ``workers`` they are rendered ahead in
-    that many processes (the same batches: a GPU step outruns one CPU core's ~7 ms per image, 5 of
-    them rendering and 2 converting; 12 ms before shapes were drawn in their own windows)."""
+def train_batches(steps: int, batch_size: int, data_seed: int, workers: int = 0,
+                  start: int = 0) -> Iterator[tuple[torch.Tensor, list[str]]]:
+    """Batches ``start``, ``start + 1``, ... ``steps - 1`` of the train stream, in order (a resumed
+    run starts where it stopped); with ``workers`` they are rendered ahead in that many processes
+    (the same batches: a GPU step outruns one CPU core's ~7 ms per image, 5 of them rendering and 2
+    converting; 12 ms before shapes were drawn in their own windows)."""
     ds = _StreamBatches(steps, batch_size, data_seed)
     if workers <= 0:
-        yield from (ds[i] for i in range(steps))
+        yield from (ds[i] for i in range(start, steps))
         return
-    yield from torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=workers,
+    yield from torch.utils.data.DataLoader(ds, batch_size=None, sampler=range(start, steps), num_workers=workers,
                                            prefetch_factor=4, persistent_workers=False)
 
 
@@ -241,19 +242,25 @@ class TimeBudget:
     Steps can slow down after the probe (a GPU run's did, from 0.32 to 0.67 s at times, and ran 7 %
     over, into the timeout of the script around it, before it saved): ``over`` says when the budget
     plus ``grace`` has passed, and the loops then stop early and save.
+
+    A resumed run (``refit=False``, its first step ``first_step``) keeps the schedule it was started
+    with: the budget then only says when to stop (and save a checkpoint), with no grace, after at
+    least one step.
     """
 
     def __init__(self, minutes: float | None, probe: int = 20, grace: float = 0.03,
-                 clock=time.perf_counter) -> None:
+                 clock=time.perf_counter, *, first_step: int = 0, refit: bool = True) -> None:
         self.seconds = None if minutes is None else minutes * 60.0
-        self.probe = probe
-        self.grace = grace
+        self.probe = probe if refit else 1
+        self.grace = grace if refit else 0.0
+        self.first_step = first_step
+        self.refit = refit
         self._clock = clock
         self._t0 = clock()
 
     def fit(self, step: int, args: TrainArgs, log: RunLog) -> TrainArgs:
         """``args`` with ``steps`` fitted once ``step + 1 == probe`` (unchanged otherwise)."""
-        if self.seconds is None or step + 1 != self.probe:
+        if self.seconds is None or not self.refit or step + 1 - self.first_step != self.probe:
             return args
         per_step = float(np.median(log.step_times[max(1, self.probe // 4):])) if len(log.step_times) > 1 \
             else log.step_times[-1]
@@ -266,7 +273,7 @@ class TimeBudget:
 
     def over(self, step: int) -> bool:
         """After the probe, whether the budget (plus ``grace`` of it) has run out."""
-        if self.seconds is None or step < self.probe:
+        if self.seconds is None or step - self.first_step < self.probe:
             return False
         if self._clock() - self._t0 <= self.seconds * (1 + self.grace):
             return False

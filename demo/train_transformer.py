@@ -16,10 +16,13 @@ to correct earlier mistakes.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import itertools
+import json
 import logging
 import math
-from dataclasses import replace
+import os
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -54,6 +57,10 @@ from .train_common import (
 from .train_vae import SCHEDULE
 
 logger = logging.getLogger(__name__)
+
+CHECKPOINT = "transformer.ckpt"
+"""``<out>/transformer.ckpt``: weights, AdamW state, the next step, the generators and the settings,
+written with every save of a run, so ``resume=True`` continues its schedule where it stopped."""
 
 
 def load_frozen_vae(path: str | Path, cfg: VAEConfig) -> BSQVAE:
@@ -187,8 +194,17 @@ def train_transformer(args: TrainArgs, vae_path: str | Path, *, cfg: Transformer
                       text_encoder_dir: Path | None = None, per_scale_loss: bool = False,
                       init: str | Path | None = None, stop_after: int | None = None,
                       flip_max: float = 0.0, replay: int = 0, amp: str | None = None,
-                      last_scale_weight: float = 1.0, profile: Path | None = None) -> InfinityTransformer:
-    """Writes ``<out>/transformer.safetensors``, ``transformer.json`` and ``<out>/text_encoder/``.
+                      last_scale_weight: float = 1.0, profile: Path | None = None,
+                      resume: bool = False) -> InfinityTransformer:
+    """Writes ``<out>/transformer.safetensors``, ``transformer.json`` and ``<out>/transformer.ckpt``
+    (``CHECKPOINT``) with every save (``args.save_every``) and at the end.
+
+    ``resume=True`` continues the run saved in ``args.out`` from its checkpoint: same weights,
+    optimizer state, generators and LR schedule (its step count, fitted or not), from the step after
+    the last one saved, with the same batches (the train stream is indexed by step), so a run split
+    at a save ends where the unsplit run ends (bit for bit on a CPU; a replay buffer starts empty).
+    Every training setting (LR, batch, seeds, losses, the VAE's and T5's files, ...) must equal the
+    checkpoint's; ``args.minutes`` then only bounds this part's wall time (stop and save, no refit).
 
     ``replay`` > 0 keeps that many encoded images in a ``ReplayBuffer`` on the device: each step
     takes the batches rendered since the last step (fresh rows first) and fills the rest from the
@@ -203,41 +219,65 @@ def train_transformer(args: TrainArgs, vae_path: str | Path, *, cfg: Transformer
         raise ValueError("last_scale_weight needs per_scale_loss (it weighs per-scale means)")
     if last_scale_weight <= 0:
         raise ValueError(f"last_scale_weight must be > 0, got {last_scale_weight}")
+    if resume and init is not None:
+        raise ValueError("init and resume exclude each other (resume continues the checkpoint's own weights)")
     seed_everything(args.seed)
     grids = SCHEDULE
     dev = torch.device(args.device)
+    text_dir = text_encoder_dir or args.out / "text_encoder"
     vae = load_frozen_vae(vae_path, vae_cfg).to(dev)
-    enc = demo_text_encoder(text_encoder_dir or args.out / "text_encoder", cfg.text_maxlen, args.device)
+    enc = demo_text_encoder(text_dir, cfg.text_maxlen, args.device)
     if enc.d_model != cfg.text_channels:
         raise ValueError(f"text encoder d_model {enc.d_model} != text_channels {cfg.text_channels}")
     tf = build_transformer_for_training(cfg, args.seed)
     if init is not None:
         tf.load_state_dict(read_safetensors(Path(init)))
         logger.info("initialised the transformer from %s", init)
-    tf.to(dev)
-    rope = rope_tables(cfg.head_dim, rope_positions(tuple(grids))).to(dev)
-    sizes = [h * w for h, w in grids]
     args = replace(args, extra={**args.extra, "vae": str(vae_path), "cond_drop": cond_drop,
                                 "per_scale_loss": per_scale_loss, "init": str(init) if init else None,
                                 "stop_after": stop_after, "flip_max": flip_max, "replay": replay, "amp": amp,
                                 "last_scale_weight": last_scale_weight})
+    settings = training_settings(args, cfg, vae_path, text_dir)
+    ckpt = load_checkpoint(args.out / CHECKPOINT, settings) if resume else None
+    if ckpt is not None:
+        tf.load_state_dict(ckpt["model"])
+        args = replace(args, steps=ckpt["steps"], extra={**args.extra,
+                                                         "resumed_at": [*ckpt["resumed_at"], ckpt["step"]]})
+    tf.to(dev)
+    rope = rope_tables(cfg.head_dim, rope_positions(tuple(grids))).to(dev)
+    sizes = [h * w for h, w in grids]
     opt = make_optimizer(tf, args.lr, args.weight_decay)
     # flips and text drops drawn where they are used (the CPU generator on a CPU, as every CPU run had)
     gen = torch.Generator(dev).manual_seed(args.seed + 1) if dev.type == "cuda" else \
         torch.Generator().manual_seed(args.seed + 1)
+    replay_gen = torch.Generator().manual_seed(args.seed + 2)
     log = RunLog(args)
+    start = 0
+    if ckpt is not None:
+        opt.load_state_dict(ckpt["optimizer"])
+        gen.set_state(ckpt["gen"])
+        replay_gen.set_state(ckpt["replay_gen"])
+        log.history = json.loads(ckpt["history"])
+        start = ckpt["step"]
+        logger.info("resumed %s at step %d of %d", args.out / CHECKPOINT, start, args.steps)
     logger.info("transformer %s: %.2fM parameters, %d tokens per image", cfg,
                 sum(p.numel() for p in tf.parameters()) / 1e6, sum(sizes))
-    budget = TimeBudget(args.minutes)
+    budget = TimeBudget(args.minutes, first_step=start, refit=ckpt is None)
     profiler = StepProfiler(profile, dev)
     phase = torch.profiler.record_function
-    batches = train_batches(args.steps, args.batch_size, args.data_seed, args.workers)
+    batches = train_batches(args.steps, args.batch_size, args.data_seed, args.workers, start=start)
+
+    def save(next_step: int) -> None:
+        save_run(tf, args.out, "transformer", cfg, args, log)
+        save_checkpoint(args.out / CHECKPOINT, tf, opt, next_step=next_step, steps=args.steps, settings=settings,
+                        gen=gen, replay_gen=replay_gen, history=log.history,
+                        resumed_at=args.extra.get("resumed_at", []))
     stream = BackgroundBatches(batches) if replay > 0 else None
     buffer: ReplayBuffer | None = None
-    replay_gen = torch.Generator().manual_seed(args.seed + 2)
+    next_step = start
     autocast = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if amp == "bf16" else contextlib.nullcontext
     try:
-        for step in itertools.count():
+        for step in itertools.count(start):
             if step >= min(args.steps, stop_after or args.steps) or budget.over(step):  # --stop-after, budget
                 break
             profiler.before(step)
@@ -278,8 +318,9 @@ def train_transformer(args: TrainArgs, vae_path: str | Path, *, cfg: Transformer
             check_finite(vals, step)
             log.record(step, **vals)
             args = budget.fit(step, args, log)
+            next_step = step + 1
             if args.save_every and step and step % args.save_every == 0:
-                save_run(tf, args.out, "transformer", cfg, args, log)
+                save(next_step)
     finally:
         profiler.close()
         if stream is not None:
@@ -291,5 +332,53 @@ def train_transformer(args: TrainArgs, vae_path: str | Path, *, cfg: Transformer
         log.args = args
         logger.info("replay: %d images rendered, %d rows trained", buffer.added, len(log.history) * args.batch_size)
     tf.eval()
-    save_run(tf, args.out, "transformer", cfg, args, log)
+    save(next_step)
     return tf
+
+
+def _file_digest(paths: list[Path]) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(p.name.encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def training_settings(args: TrainArgs, cfg: TransformerConfig, vae_path: str | Path, text_dir: Path) -> dict:
+    """What a resumed run must share with the run it continues (JSON values): the optimisation and
+    data settings, the losses, the model's config, and the VAE's and T5's files by content."""
+    keys = ("batch_size", "lr", "seed", "data_seed", "warmup_frac", "min_lr_frac", "weight_decay", "grad_clip")
+    extra = {k: v for k, v in args.extra.items() if k not in ("vae", "init", "stop_after", "resumed_at")}
+    settings = {**{k: getattr(args, k) for k in keys}, **extra, "config": asdict(cfg),
+                "vae_sha256": _file_digest([Path(vae_path)]),
+                "text_encoder_sha256": _file_digest(sorted(p for p in Path(text_dir).rglob("*") if p.is_file()))}
+    return json.loads(json.dumps(settings))
+
+
+def save_checkpoint(path: Path, tf: nn.Module, opt: torch.optim.Optimizer, *, next_step: int, steps: int,
+                    settings: dict, gen: torch.Generator, replay_gen: torch.Generator,
+                    history: list[dict[str, float]], resumed_at: list[int]) -> Path:
+    """Writes ``path`` atomically (a temporary file, then a rename), readable with ``weights_only``."""
+    state = {"step": next_step, "steps": steps, "model": tf.state_dict(), "optimizer": opt.state_dict(),
+             "gen": gen.get_state(), "replay_gen": replay_gen.get_state(), "settings": json.dumps(settings),
+             "history": json.dumps(history), "resumed_at": list(resumed_at)}
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint(path: Path, settings: dict) -> dict:
+    """The checkpoint at ``path`` (``torch.load(weights_only=True)``), checked against this run's
+    ``settings``: a ValueError names the file and every setting that differs."""
+    if not path.is_file():
+        raise ValueError(f"resume: no checkpoint {path} (a run writes one with every save and at its end)")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    saved = json.loads(ckpt["settings"])
+    diff = [f"{k}: checkpoint {saved.get(k)!r}, this run {settings.get(k)!r}"
+            for k in sorted(set(saved) | set(settings)) if saved.get(k) != settings.get(k)]
+    if diff:
+        raise ValueError(f"resume: {path} was trained with other settings; " + "; ".join(diff))
+    if ckpt["step"] >= ckpt["steps"]:
+        raise ValueError(f"resume: the run in {path} already ran all {ckpt['steps']} steps of its schedule")
+    return ckpt

@@ -286,3 +286,63 @@ def test_time_budget_stops_a_run_whose_steps_slowed_down() -> None:
     now[0] = 63.5
     assert budget.over(41)
     assert not budget.over(3) and not TimeBudget(None).over(10_000)
+
+
+def _tiny_run(out: Path, vae_dir: Path, steps: int, **kw) -> torch.nn.Module:
+    args = TrainArgs(out=out, steps=steps, batch_size=2, lr=1e-3, save_every=kw.pop("save_every", 0))
+    return train_transformer(args, vae_dir / "vae.safetensors", cfg=TINY_TF, vae_cfg=TINY_VAE, cond_drop=0.5,
+                             per_scale_loss=True, flip_max=0.3, **kw)
+
+
+def test_a_run_split_and_resumed_ends_bit_for_bit_where_the_whole_run_ends(vae_dir: Path, tmp_path: Path) -> None:
+    """--resume: weights, AdamW state, the flip/text-drop generator, the LR schedule and the batches all
+    carry over, so 6 steps run as 2 + 2 + 2 (stopped twice) equal 6 steps in one go, and the log is whole."""
+    whole = _tiny_run(tmp_path / "whole", vae_dir, 6)
+    _tiny_run(tmp_path / "split", vae_dir, 6, stop_after=2)
+    _tiny_run(tmp_path / "split", vae_dir, 6, stop_after=4, resume=True)
+    split = _tiny_run(tmp_path / "split", vae_dir, 6, resume=True)
+    for (name, a), b in zip(whole.state_dict().items(), split.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    a, b = (json.loads((tmp_path / d / "transformer.json").read_text()) for d in ("whole", "split"))
+    assert [r["step"] for r in b["history"]] == list(range(6))
+    assert [r["loss"] for r in b["history"]] == [r["loss"] for r in a["history"]]
+    assert b["args"]["extra"]["resumed_at"] == [2, 4]
+    # and the comparison can fail: a run resumed without its optimizer state drifts
+    _tiny_run(tmp_path / "first", vae_dir, 6, stop_after=2)
+    restarted = _tiny_run(tmp_path / "restarted", vae_dir, 4, init=tmp_path / "first" / "transformer.safetensors")
+    pairs = zip(whole.state_dict().values(), restarted.state_dict().values(), strict=True)
+    assert any(not torch.equal(x, y) for x, y in pairs)
+
+
+def test_resume_refuses_other_settings_a_finished_run_and_a_missing_checkpoint(vae_dir: Path,
+                                                                                tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"no checkpoint .*transformer\.ckpt"):
+        _tiny_run(tmp_path, vae_dir, 4, resume=True)
+    _tiny_run(tmp_path, vae_dir, 4, stop_after=1)
+    args = TrainArgs(out=tmp_path, steps=4, batch_size=2, lr=2e-3)
+    with pytest.raises(ValueError, match=r"lr: checkpoint 0\.001, this run 0\.002"):
+        train_transformer(args, vae_dir / "vae.safetensors", cfg=TINY_TF, vae_cfg=TINY_VAE, cond_drop=0.5,
+                          per_scale_loss=True, flip_max=0.3, resume=True)
+    with pytest.raises(ValueError, match="flip_max: checkpoint 0.3, this run 0.0"):
+        train_transformer(TrainArgs(out=tmp_path, steps=4, batch_size=2, lr=1e-3), vae_dir / "vae.safetensors",
+                          cfg=TINY_TF, vae_cfg=TINY_VAE, cond_drop=0.5, per_scale_loss=True, resume=True)
+    with pytest.raises(ValueError, match="init and resume"):
+        _tiny_run(tmp_path, vae_dir, 4, resume=True, init=tmp_path / "transformer.safetensors")
+    _tiny_run(tmp_path, vae_dir, 4, resume=True)
+    with pytest.raises(ValueError, match="already ran all 4 steps"):
+        _tiny_run(tmp_path, vae_dir, 4, resume=True)
+
+
+def test_a_resumed_time_budget_keeps_the_schedule_and_only_stops() -> None:
+    from demo.train_common import RunLog, TimeBudget
+
+    now = [0.0]
+    budget = TimeBudget(1.0, clock=lambda: now[0], first_step=100, refit=False)
+    args = TrainArgs(out=Path("."), steps=1000, batch_size=1, lr=1e-3)
+    log = RunLog(args)
+    log.step_times = [1.0] * 30
+    assert budget.fit(119, args, log) is args  # no refit at the probe
+    now[0] = 59.0
+    assert not budget.over(101)
+    now[0] = 60.5  # no grace: a resumed part stops at its budget, to save before an outer timeout
+    assert budget.over(101) and not budget.over(100)  # at least one step first
