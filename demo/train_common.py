@@ -7,6 +7,7 @@ import logging
 import math
 import queue
 import random
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -233,6 +234,39 @@ class StepProfiler:
             logger.exception("profiler tables not written; training goes on")
             return
         logger.info("wrote the profile of steps %d-%d to %s", self.start, self.start + self.steps - 1, self.path)
+
+
+class StopOnSignal:
+    """While entered (in the main thread), the first SIGINT or SIGTERM only sets ``requested``: the
+    training loop then stops after its step and saves as at its end (a ``timeout`` or Ctrl-C loses
+    nothing but the step under way). A second one does what it did before."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.requested: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopOnSignal:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return self
+
+    def _handle(self, sig: int, _frame: Any) -> None:
+        if self.requested is not None:
+            self._restore()
+            signal.raise_signal(sig)
+            return
+        self.requested = sig
+        logger.warning("%s: stopping after this step and saving (again to stop now)", signal.Signals(sig).name)
+
+    def _restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def __exit__(self, *exc: object) -> None:
+        self._restore()
 
 
 class TimeBudget:

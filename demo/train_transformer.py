@@ -45,6 +45,7 @@ from .train_common import (
     ReplayBuffer,
     RunLog,
     StepProfiler,
+    StopOnSignal,
     TimeBudget,
     TrainArgs,
     check_finite,
@@ -205,6 +206,7 @@ def train_transformer(args: TrainArgs, vae_path: str | Path, *, cfg: Transformer
     at a save ends where the unsplit run ends (bit for bit on a CPU; a replay buffer starts empty).
     Every training setting (LR, batch, seeds, losses, the VAE's and T5's files, ...) must equal the
     checkpoint's; ``args.minutes`` then only bounds this part's wall time (stop and save, no refit).
+    A first SIGINT / SIGTERM stops the run after its step and saves it (``StopOnSignal``).
 
     ``replay`` > 0 keeps that many encoded images in a ``ReplayBuffer`` on the device: each step
     takes the batches rendered since the last step (fresh rows first) and fills the rest from the
@@ -276,56 +278,58 @@ def train_transformer(args: TrainArgs, vae_path: str | Path, *, cfg: Transformer
     buffer: ReplayBuffer | None = None
     next_step = start
     autocast = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if amp == "bf16" else contextlib.nullcontext
-    try:
-        for step in itertools.count(start):
-            if step >= min(args.steps, stop_after or args.steps) or budget.over(step):  # --stop-after, budget
-                break
-            profiler.before(step)
-            with phase("data"):
-                if stream is None:
-                    item = next(batches, None)
-                    if item is None:
-                        break
-                    img_B3HW, captions = item
-                    z_BDhw = vae.encode(img_B3HW.to(dev, non_blocking=True))
-                else:
-                    fresh = []
-                    for img_B3HW, caps in stream.ready(block=buffer is None):
-                        z = vae.encode(img_B3HW.to(dev, non_blocking=True))
-                        buffer = buffer or ReplayBuffer(replay, tuple(z.shape[1:]), dev)
-                        fresh.append(buffer.add(z, caps))
-                    if buffer is None:
-                        break  # the stream ended before its first batch
-                    z_BDhw, captions = buffer.take(buffer.batch(args.batch_size,
-                                                                torch.cat(fresh) if fresh else None, replay_gen))
-            n = len(captions)
-            with phase("teacher_forcing"):
-                flip_B = torch.rand(n, generator=gen, device=gen.device) * flip_max if flip_max > 0 else None
-                x_BLd, labels_BLD = teacher_forcing_from_latent(vae, z_BDhw, grids, flip_B, gen)
-            with phase("text"):
-                drop_B = (torch.rand(n, generator=gen, device=gen.device) < cond_drop).to(dev)
-                text = drop_text(tf, enc.encode(captions).to(dev), drop_B)
-            with phase("forward_loss"), autocast():
-                logits_BLV = tf.forward_train(text, x_BLd, grids, rope)
-                loss, acc_BL = bitwise_loss(logits_BLV, labels_BLD, sizes if per_scale_loss else None,
-                                            last_scale_weight)
-            acc_S = torch.stack([a.mean() for a in acc_BL.split(sizes, dim=1)])
-            with phase("backward_step"):
-                norm = optimizer_step(tf, opt, loss, step, args, sync=False)
-            row = torch.cat([loss.detach().float().view(1), acc_S.float(), norm.float().view(1)]).tolist()  # one sync
-            profiler.after(step)
-            vals = {"loss": row[0], **{f"acc{si}": a for si, a in enumerate(row[1:-1])}, "grad_norm": row[-1]}
-            check_finite(vals, step)
-            log.record(step, **vals)
-            args = budget.fit(step, args, log)
-            next_step = step + 1
-            if args.save_every and step and step % args.save_every == 0:
-                save(next_step)
-    finally:
-        profiler.close()
-        if stream is not None:
-            stream.close()
-        batches.close()
+    with StopOnSignal() as stop:
+        try:
+            for step in itertools.count(start):
+                if step >= min(args.steps, stop_after or args.steps) or budget.over(step) or stop.requested:
+                    break  # the schedule's end, --stop-after, the time budget, a signal
+                profiler.before(step)
+                with phase("data"):
+                    if stream is None:
+                        item = next(batches, None)
+                        if item is None:
+                            break
+                        img_B3HW, captions = item
+                        z_BDhw = vae.encode(img_B3HW.to(dev, non_blocking=True))
+                    else:
+                        fresh = []
+                        for img_B3HW, caps in stream.ready(block=buffer is None):
+                            z = vae.encode(img_B3HW.to(dev, non_blocking=True))
+                            buffer = buffer or ReplayBuffer(replay, tuple(z.shape[1:]), dev)
+                            fresh.append(buffer.add(z, caps))
+                        if buffer is None:
+                            break  # the stream ended before its first batch
+                        z_BDhw, captions = buffer.take(buffer.batch(args.batch_size,
+                                                                    torch.cat(fresh) if fresh else None, replay_gen))
+                n = len(captions)
+                with phase("teacher_forcing"):
+                    flip_B = torch.rand(n, generator=gen, device=gen.device) * flip_max if flip_max > 0 else None
+                    x_BLd, labels_BLD = teacher_forcing_from_latent(vae, z_BDhw, grids, flip_B, gen)
+                with phase("text"):
+                    drop_B = (torch.rand(n, generator=gen, device=gen.device) < cond_drop).to(dev)
+                    text = drop_text(tf, enc.encode(captions).to(dev), drop_B)
+                with phase("forward_loss"), autocast():
+                    logits_BLV = tf.forward_train(text, x_BLd, grids, rope)
+                    loss, acc_BL = bitwise_loss(logits_BLV, labels_BLD, sizes if per_scale_loss else None,
+                                                last_scale_weight)
+                acc_S = torch.stack([a.mean() for a in acc_BL.split(sizes, dim=1)])
+                with phase("backward_step"):
+                    norm = optimizer_step(tf, opt, loss, step, args, sync=False)
+                # one sync a step
+                row = torch.cat([loss.detach().float().view(1), acc_S.float(), norm.float().view(1)]).tolist()
+                profiler.after(step)
+                vals = {"loss": row[0], **{f"acc{si}": a for si, a in enumerate(row[1:-1])}, "grad_norm": row[-1]}
+                check_finite(vals, step)
+                log.record(step, **vals)
+                args = budget.fit(step, args, log)
+                next_step = step + 1
+                if args.save_every and step and step % args.save_every == 0:
+                    save(next_step)
+        finally:
+            profiler.close()
+            if stream is not None:
+                stream.close()
+            batches.close()
     if buffer is not None:
         args = replace(args, extra={**args.extra, "replay_images_rendered": buffer.added,
                                     "replay_images_trained": len(log.history) * args.batch_size})

@@ -346,3 +346,47 @@ def test_a_resumed_time_budget_keeps_the_schedule_and_only_stops() -> None:
     assert not budget.over(101)
     now[0] = 60.5  # no grace: a resumed part stops at its budget, to save before an outer timeout
     assert budget.over(101) and not budget.over(100)  # at least one step first
+
+
+def test_sigterm_stops_a_run_after_its_step_and_saves_it_to_resume(vae_dir: Path, tmp_path: Path) -> None:
+    """A `timeout` (SIGTERM) or Ctrl-C mid-run: the step under way finishes, the run saves its
+    checkpoint and exits cleanly, and --resume goes on from there."""
+    import signal
+    import subprocess
+    import sys
+    import threading
+
+    script = (
+        "import logging, sys, torch\n"
+        "from pathlib import Path\n"
+        "from demo.train_common import TrainArgs\n"
+        "from demo.train_transformer import train_transformer\n"
+        "from tests.demo.test_demo_train import TINY_TF, TINY_VAE\n"
+        "logging.basicConfig(level=logging.INFO)\n"
+        "torch.set_num_threads(1)\n"
+        "out, vae = Path(sys.argv[1]), Path(sys.argv[2])\n"
+        "train_transformer(TrainArgs(out=out, steps=100_000, batch_size=2, lr=1e-3, log_every=1), vae,\n"
+        "                  cfg=TINY_TF, vae_cfg=TINY_VAE)\n"
+        "print('returned', flush=True)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path), str(vae_dir / "vae.safetensors")],
+                            cwd=Path(__file__).resolve().parents[2], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    guard = threading.Timer(120, proc.kill)  # a run that never logs its steps must not hang the suite
+    guard.start()
+    seen = []
+    try:
+        for line in proc.stdout:  # the run logs every step; stop it once two have run
+            seen.append(line)
+            if "step 1/100000" in line:
+                proc.send_signal(signal.SIGTERM)
+                break
+        rest = proc.communicate(timeout=120)[0]
+    finally:
+        guard.cancel()
+        proc.kill()
+    assert proc.returncode == 0, "".join(seen) + rest
+    assert "SIGTERM: stopping after this step" in rest and "returned" in rest
+    ckpt = torch.load(tmp_path / "transformer.ckpt", weights_only=True)
+    meta = json.loads((tmp_path / "transformer.json").read_text())
+    assert ckpt["step"] == meta["steps_done"] >= 2
+    assert ckpt["steps"] == 100_000
