@@ -19,7 +19,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m demo.train", description=__doc__)
     p.add_argument("what", choices=("vae", "transformer", "text"))
     p.add_argument("--out", type=Path, required=True, help="weights folder (the demo preset's layout)")
-    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--steps", type=int, help="the schedule's length (required, except with --resume)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--seed", type=int, default=0)
@@ -60,9 +60,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--stop-after", type=int, help="stop (and save) after this many steps of the --steps schedule")
     g.add_argument("--profile", type=Path, help="write a torch.profiler table of steps 25-29 to this file")
     g.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from its transformer.ckpt (same settings; its schedule, "
-                        "so --steps is ignored; --minutes then only bounds this part)")
-    return p.parse_args(argv)
+                   help="continue the run in --out from its transformer.ckpt: the same command plus --resume "
+                        "(the checkpoint's schedule: --steps is not needed; --minutes only bounds this part)")
+    a = p.parse_args(argv)
+    if a.steps is None and not (a.what == "transformer" and a.resume):
+        p.error("--steps is required (except to --resume a transformer run)")
+    return a
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -70,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(a.threads)
     d = DEFAULTS[a.what]
-    args = TrainArgs(out=a.out, steps=a.steps, batch_size=a.batch_size or d["batch_size"], lr=a.lr or d["lr"],
+    args = TrainArgs(out=a.out, steps=a.steps or 0, batch_size=a.batch_size or d["batch_size"], lr=a.lr or d["lr"],
                      seed=a.seed, data_seed=a.data_seed, weight_decay=a.weight_decay, grad_clip=a.grad_clip,
                      log_every=a.log_every, save_every=a.save_every, device=a.device, workers=a.workers,
                      minutes=a.minutes)

@@ -390,3 +390,18 @@ def test_sigterm_stops_a_run_after_its_step_and_saves_it_to_resume(vae_dir: Path
     meta = json.loads((tmp_path / "transformer.json").read_text())
     assert ckpt["step"] == meta["steps_done"] >= 2
     assert ckpt["steps"] == 100_000
+    resumed_to = ckpt["step"] + 1
+    train_transformer(TrainArgs(out=tmp_path, steps=100_000, batch_size=2, lr=1e-3), vae_dir / "vae.safetensors",
+                      cfg=TINY_TF, vae_cfg=TINY_VAE, resume=True, stop_after=resumed_to)
+    meta = json.loads((tmp_path / "transformer.json").read_text())
+    assert [r["step"] for r in meta["history"]] == list(range(resumed_to))
+
+
+def test_cli_needs_steps_except_to_resume_a_transformer_run() -> None:
+    from demo.train import parse_args
+
+    assert parse_args(["transformer", "--out", "w", "--resume"]).steps is None
+    assert parse_args(["vae", "--out", "w", "--steps", "3"]).steps == 3
+    for argv in (["vae", "--out", "w"], ["transformer", "--out", "w"], ["vae", "--out", "w", "--resume"]):
+        with pytest.raises(SystemExit):
+            parse_args(argv)
