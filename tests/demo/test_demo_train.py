@@ -109,6 +109,11 @@ def test_worker_processes_draw_the_same_batches() -> None:
         assert a_cap == b_cap
         assert torch.equal(a_img, b_img)
     assert inline[0][1] != inline[1][1]
+    # a resumed run starts at its step, in both paths
+    for workers in (0, 2):
+        resumed = list(train_batches(3, 2, data_seed=7, workers=workers, start=1))
+        assert [cap for _, cap in resumed] == [cap for _, cap in inline[1:]]
+        assert torch.equal(resumed[-1][0], inline[-1][0])
 
 
 def test_time_budget_fits_the_step_count(vae_dir: Path, tmp_path: Path) -> None:
