@@ -294,7 +294,7 @@ def test_time_budget_stops_a_run_whose_steps_slowed_down() -> None:
 
 
 def _tiny_run(out: Path, vae_dir: Path, steps: int, **kw) -> torch.nn.Module:
-    args = TrainArgs(out=out, steps=steps, batch_size=2, lr=1e-3, save_every=kw.pop("save_every", 0))
+    args = TrainArgs(out=out, steps=steps, batch_size=2, lr=1e-3)
     return train_transformer(args, vae_dir / "vae.safetensors", cfg=TINY_TF, vae_cfg=TINY_VAE, cond_drop=0.5,
                              per_scale_loss=True, flip_max=0.3, **kw)
 
